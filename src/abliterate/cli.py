@@ -1,0 +1,191 @@
+"""The `abliterate` command line: thin commands over the library. Bad input → one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from abliterate.errors import UserError
+from abliterate.load import DEFAULT_MODEL
+
+_MODEL_HELP = "Model: 'tiny' (bundled default), a local HF directory, a .gguf file, or a hub id."
+
+
+class _Group(click.Group):
+    """Turns UserError into `error: ...` + exit 2 and Ctrl-C into exit 130, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def model_options(function, default_dtype="auto"):
+    """Options shared by every command that loads a model."""
+    decorators = [
+        click.argument("model", default=DEFAULT_MODEL, required=False),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL."),
+        click.option("--dtype", default=default_dtype, show_default=True,
+                     help="auto (fastest correct for the device, measured on CPU), checkpoint (as stored), "
+                          "float32, bfloat16, float16."),
+        click.option("--device-map", default=None,
+                     help="Passed to transformers/accelerate: auto, cpu, cuda:0, or a JSON map. Default: auto on GPU."),
+        click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code (off unless asked)."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def prompt_options(function):
+    decorators = [
+        click.option("--harmful", default="harmful", show_default=True,
+                     help="Harmful prompts: bundled set name, .txt/.jsonl/.csv/.parquet file, or dataset id."),
+        click.option("--harmless", default="harmless", show_default=True, help="Harmless prompts, same forms."),
+        click.option("--column", default=None, help="Column holding the prompts (jsonl/csv/parquet/datasets)."),
+        click.option("--split", default=None,
+                     help="Split: train/tune/eval for the bundled sets (default train), or a dataset split."),
+        click.option("--system-prompt", default=None,
+                     help="System prompt for the chat template ('' for none). Default: 'You are a helpful assistant.'"),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _load(model, revision, dtype, device_map, trust_remote_code):
+    from abliterate.load import load_model
+
+    with _status(f"loading {model}"):
+        return load_model(model, dtype=dtype, device_map=device_map, revision=revision,
+                          trust_remote_code=trust_remote_code)
+
+
+def _status(message: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def _progress_bar(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), transient=True,
+                        console=__import__("rich.console").console.Console(stderr=True))
+    task = progress.add_task(description, total=total)
+    return progress, (lambda n: progress.advance(task, n))
+
+
+def _read_prompt_sets(harmful, harmless, column, split, default_split="train"):
+    from abliterate.prompts import BUNDLED_SETS, load_prompts
+
+    def one(source):
+        chosen = split if split is not None else (default_split if source in BUNDLED_SETS else None)
+        return load_prompts(source, column=column, split=chosen)
+
+    return one(harmful), one(harmless)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="abliterate")
+def main():
+    """Measure refusal directions in a language model and ablate them."""
+
+
+@main.command()
+@model_options
+@prompt_options
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the directions (.safetensors).")
+@click.option("--limit", type=int, default=None, help="Use at most this many prompts of each set.")
+@click.option("--projected", is_flag=True, help="Remove the harmless-mean component from each direction.")
+@click.option("--winsorize", type=float, default=None, help="Clamp each residual at this quantile of |h| (e.g. 0.995).")
+@click.option("--format", "formats", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True,
+              help="'pt' also writes a plain [layers, hidden] tensor .pt beside the safetensors.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+def directions(model, revision, dtype, device_map, trust_remote_code, harmful, harmless, column, split, system_prompt,
+               output, limit, projected, winsorize, formats, batch_size):
+    """Measure per-layer refusal directions from harmful vs harmless prompts."""
+    from abliterate.directions import measure_directions
+
+    output_path = Path(output)
+    if not output_path.parent.exists():
+        raise UserError(f"directory {output_path.parent} does not exist; create it or choose another -o")
+    if batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+    harmful_prompts, harmless_prompts = _read_prompt_sets(harmful, harmless, column, split)
+    if limit is not None:
+        if limit <= 0:
+            raise UserError("--limit must be positive")
+        harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    progress, advance = _progress_bar(len(harmful_prompts) + len(harmless_prompts), "measuring residuals")
+    with progress:
+        result = measure_directions(loaded, harmful_prompts, harmless_prompts, system_prompt=system_prompt,
+                                    batch_size=batch_size, projected=projected, winsorize_quantile=winsorize,
+                                    progress=advance)
+    result.save(output_path, also_pt=formats == "pt")
+    suggested = round(0.65 * (result.n_layers - 1))
+    click.echo(f"wrote {output_path}: {result.n_layers} layers x {result.hidden_size}, from {len(harmful_prompts)} harmful "
+               f"and {len(harmless_prompts)} harmless prompts")
+    click.echo(f"next: abliterate apply {model} --directions {output_path} --layer {suggested} -o OUT_DIR "
+               "(directions from 55-75% depth usually work best)")
+
+
+@main.command()
+@functools.partial(model_options, default_dtype="checkpoint")
+@click.option("--directions", "directions_file", required=True, help="Directions file (.safetensors, or .pt of other tools).")
+@click.option("--layer", type=float, default=None, help="Take the direction at this (fractional) layer and ablate it everywhere.")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="Ablation strength with --layer.")
+@click.option("--params", "params_file", default=None, help="A full parameter set (JSON) instead of --layer/--weight.")
+@click.option("--components", default="attn,mlp", show_default=True, help="With --layer: which components to edit.")
+@click.option("--norm-preserving", is_flag=True, help="With --layer: keep each input feature's write vector length.")
+@click.option("-o", "--output", "output", required=True, help="Output directory (a complete HF model).")
+def apply(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
+          norm_preserving, output):
+    """Bake an ablation into the weights and save a complete HF model."""
+    from abliterate.ablation import AblationParams, bake, plan_edits
+    from abliterate.arch import COMPONENT_KINDS
+    from abliterate.directions import Directions
+    from abliterate.export import check_output_dir, save_hf
+
+    if (layer is None) == (params_file is None):
+        raise UserError("give exactly one of --layer L (one direction everywhere) or --params FILE.json")
+    check_output_dir(output)
+    if params_file:
+        params = AblationParams.from_file(params_file)
+    else:
+        kinds = tuple(k.strip() for k in components.split(",") if k.strip())
+        unknown = [k for k in kinds if k not in COMPONENT_KINDS]
+        if unknown or not kinds:
+            raise UserError(f"--components takes a comma list of {', '.join(COMPONENT_KINDS)}; got '{components}'")
+        params = AblationParams.single_direction(layer, weight, kinds, norm_preserving)
+    refusal = Directions.load(directions_file)
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    refusal = refusal.fitted_to(loaded.adapter)
+    edits = plan_edits(loaded.adapter, refusal.directions, params)
+    with _status("editing weights"):
+        bake(edits, params.norm_preserving)
+    record = {
+        "base_model": loaded.source.reference,
+        "revision": loaded.source.revision,
+        "directions": {"file": str(directions_file), **refusal.metadata},
+        "parameters": params.to_dict(),
+        "edited_components": len(edits),
+    }
+    with _status(f"saving {output}"):
+        save_hf(loaded.model, loaded.tokenizer, output, {"abliteration.json": record})
+    click.echo(f"wrote {output}: {len(edits)} component edits baked into {loaded.adapter.model_type} weights")
+
+
+if __name__ == "__main__":
+    main()

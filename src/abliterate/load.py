@@ -1,0 +1,206 @@
+"""Loading a model reference: the bundled alias `tiny`, a local HF directory, a `.gguf` file, or a hub id.
+
+The architecture is checked from the config before any weights are read, so an unsupported model fails
+in a second, not after a 100 GB download.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from abliterate.arch import Adapter, adapter_for, family_for
+from abliterate.errors import UserError
+
+DEFAULT_MODEL = "tiny"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from: `path` is a local directory or a hub id; `gguf_file` names a file in it."""
+
+    reference: str
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    is_local: bool = True
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: ModelSource
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def clear_gguf_quantizer(model) -> None:
+    """A model loaded from GGUF is dense in memory, but transformers refuses to save it until this is cleared."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def resolve(reference: str, revision: str | None = None) -> ModelSource:
+    from abliterate.bundled import BUNDLED, bundled_hf_dir
+
+    if reference in BUNDLED:
+        return ModelSource(reference, str(bundled_hf_dir(BUNDLED[reference])))
+    path = Path(reference).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSource(reference, str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(reference, str(path), gguf_file=ggufs[0].name)
+            raise UserError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
+        return ModelSource(reference, str(path))
+    if path.exists():
+        raise UserError(f"{path} is neither a model directory nor a .gguf file")
+    looks_like_path = reference.startswith((".", "/", "~")) or reference.endswith(".gguf") or reference.count("/") > 1
+    if looks_like_path or not reference.strip():
+        raise UserError(f"model not found: {reference}; give an existing directory, a .gguf file, a hub id or 'tiny'")
+    return ModelSource(reference, reference, revision=revision, is_local=False)
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """How much faster a bf16 matmul is than fp32 on this CPU (>1 with AMX/AVX512-BF16, ~0.2 when emulated)."""
+    a32, b32 = torch.randn(128, 1024), torch.randn(1024, 1024)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+
+    def seconds(a, b):
+        a @ b  # warm-up
+        start = time.perf_counter()
+        for _ in range(8):
+            a @ b
+        return time.perf_counter() - start
+
+    return seconds(a32, b32) / max(seconds(a16, b16), 1e-9)
+
+
+def choose_dtype(spec: str, device: str) -> torch.dtype | str:
+    """`auto`: the fastest correct dtype for the device — bf16 on CUDA that supports it (else fp16),
+    fp16 on MPS, and on CPU bf16 only where it measures faster than fp32 (not on AVX2-only CPUs).
+    `checkpoint`: the dtype the weights are stored in (what `apply` uses: an edit should not change it)."""
+    if spec == "checkpoint":
+        return "auto"  # transformers' name for "as stored"
+    if spec != "auto":
+        try:
+            return DTYPES[spec]
+        except KeyError:
+            raise UserError(f"unknown dtype '{spec}'; use auto, checkpoint, {', '.join(sorted(DTYPES))}") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.bfloat16 if cpu_bf16_speedup() > 1.3 else torch.float32
+
+
+def _hub_error(source: ModelSource, error: Exception) -> UserError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"could not get model '{source.reference}' from the Hugging Face hub ({first_line}); "
+                     "check the id, your network or HF_TOKEN, or give a local directory / .gguf file")
+
+
+def _load_config(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, revision=source.revision,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if not source.is_local:
+            raise _hub_error(source, error) from None
+        raise UserError(f"could not read the model config in {source.path} ({error})") from None
+    except ValueError as error:
+        raise UserError(f"cannot load {source.reference}: {str(error).splitlines()[0]}") from None
+
+
+def _parse_device_map(device_map: str | dict | None):
+    if isinstance(device_map, str) and device_map.strip().startswith("{"):
+        try:
+            return json.loads(device_map)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--device-map is not valid JSON ({error})") from None
+    return device_map
+
+
+def _model_class(config):
+    """Causal LMs load as such; vision-language models load whole (we edit their text tower)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+
+
+def _logits_finite(model, tokenizer) -> bool:
+    """A one-token smoke test: catches a broken set-up (e.g. fp16 overflow to NaN) right after loading."""
+    ids = tokenizer("Hello", return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return bool(torch.isfinite(logits).all())
+
+
+def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: str | dict | None = None,
+               revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for measurement and ablation."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    source = resolve(reference, revision)
+    config = _load_config(source, trust_remote_code)
+    family_for((config.get_text_config() if hasattr(config, "get_text_config") else config).model_type)
+    device_map = _parse_device_map(device_map)
+    device = _default_device()
+    if device_map is None and device != "cpu":
+        device_map = "auto"
+    chosen = choose_dtype(dtype, device)
+    common = dict(gguf_file=source.gguf_file, revision=source.revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
+    except OSError as error:
+        raise (_hub_error(source, error) if not source.is_local else UserError(f"could not load the tokenizer of {source.path} ({error})")) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    fallbacks = [chosen] + ([torch.float32] if chosen not in (torch.float32, "auto") else [])
+    model_class = _model_class(config)
+    for attempt in fallbacks:
+        try:
+            model = model_class.from_pretrained(source.path, dtype=attempt, device_map=device_map, **common)
+        except OSError as error:
+            raise (_hub_error(source, error) if not source.is_local else UserError(f"could not load weights from {source.path} ({error})")) from None
+        model.eval()
+        model.requires_grad_(False)
+        if source.gguf_file:
+            clear_gguf_quantizer(model)  # dense after dequantisation: editable and saveable like any model
+        if _logits_finite(model, tokenizer) or attempt == fallbacks[-1]:
+            break
+        del model  # non-finite logits in a reduced dtype: retry in float32
+    return LoadedModel(model, tokenizer, adapter_for(model), source, model.dtype)

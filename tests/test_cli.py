@@ -1,0 +1,137 @@
+"""The command line on tiny random models: the happy path end to end, and every kind of bad input
+answered by one line, exit code 2, no traceback and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from abliterate.ablation import AblationParams, ablate, plan_edits
+from abliterate.cli import main
+from abliterate.directions import Directions
+from abliterate.load import load_model
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_clean_failure(result, *fragments):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts")
+    (path / "harmful.txt").write_text("Do a bad thing\nDo another bad thing\nBreak a rule now\n")
+    (path / "harmless.txt").write_text("Bake a cake\nWrite a poem\nSay hello\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def directions_file(tiny_model_dir, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dirs") / "dirs.safetensors"
+    result = run("directions", tiny_model_dir, "--harmful", prompt_files / "harmful.txt",
+                 "--harmless", prompt_files / "harmless.txt", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "4 layers x 64" in result.stdout
+    return out
+
+
+def test_directions_file_records_its_provenance(directions_file, tiny_model_dir):
+    loaded = Directions.load(directions_file)
+    assert loaded.directions.shape == (4, 64)
+    torch.testing.assert_close(loaded.directions.norm(dim=-1), torch.ones(4))
+    meta = loaded.metadata
+    assert meta["model"] == str(tiny_model_dir) and meta["n_layers"] == 4 and meta["hidden_size"] == 64
+    assert meta["harmful_count"] == 3 and len(meta["harmful_sha256"]) == 64 and meta["projected"] is False
+
+
+def test_apply_saves_a_model_plain_transformers_loads(directions_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "abliterated"
+    result = run("apply", tiny_model_dir, "--directions", directions_file, "--layer", "1.5", "--weight", "0.8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "tokenizer.json", "abliteration.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    record = json.loads((out / "abliteration.json").read_text())
+    assert record["parameters"]["components"]["attn"]["direction_index"] == 1.5
+
+    # The saved weights equal the in-memory ablation of the original model.
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    original = load_model(str(tiny_model_dir), dtype="float32")
+    params = AblationParams.single_direction(1.5, 0.8)
+    with ablate(plan_edits(original.adapter, Directions.load(directions_file).directions, params)), torch.no_grad():
+        expected = original.model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_apply_with_a_params_file(directions_file, tiny_model_dir, tmp_path):
+    params = {"components": {"mlp": {"direction_index": None,
+                                     "kernel": {"max_weight": 1.2, "max_weight_position": 2, "min_weight": 0.3,
+                                                "min_weight_distance": 1.5}}},
+              "norm_preserving": True}
+    (tmp_path / "p.json").write_text(json.dumps(params))
+    result = run("apply", tiny_model_dir, "--directions", directions_file, "--params", tmp_path / "p.json", "-o", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert "3 component edits" in result.stdout  # layers 1, 2, 3 are within distance 1.5 of position 2
+
+
+def test_bad_inputs(tiny_model_dir, tiny_gemma_dir, prompt_files, directions_file, tmp_path):
+    harmful, harmless = prompt_files / "harmful.txt", prompt_files / "harmless.txt"
+    out = tmp_path / "out"
+    prompts = ("--harmful", harmful, "--harmless", harmless)
+
+    assert_clean_failure(run("directions", tmp_path / "missing-model", *prompts, "-o", tmp_path / "d.safetensors"),
+                         "model not found")
+    assert_clean_failure(run("directions", "nobody/no-such-model", *prompts, "-o", tmp_path / "d.safetensors"),
+                         "hub")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_failure(run("directions", tiny_model_dir, "--harmful", tmp_path / "empty.txt", "--harmless", harmless,
+                             "-o", tmp_path / "d.safetensors"), "empty")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    assert_clean_failure(run("directions", tiny_model_dir, "--harmful", tmp_path / "latin1.txt", "--harmless", harmless,
+                             "-o", tmp_path / "d.safetensors"), "UTF-8")
+    assert not (tmp_path / "d.safetensors").exists()
+
+    assert_clean_failure(run("apply", tiny_gemma_dir, "--directions", directions_file, "--layer", "1", "-o", out),
+                         "4 layers", "measure directions on this model")
+    assert_clean_failure(run("apply", tiny_model_dir, "--directions", directions_file, "--layer", "7", "-o", out),
+                         "out of range", "0..3")
+    assert_clean_failure(run("apply", tiny_model_dir, "--directions", tmp_path / "none.safetensors", "--layer", "1",
+                             "-o", out), "not found")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_failure(run("apply", tiny_model_dir, "--directions", directions_file, "--layer", "1", "-o", out),
+                         "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unsupported_architecture_fails_before_loading_weights(tmp_path, directions_file):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=64).save_pretrained(tmp_path / "mamba")
+    result = run("apply", tmp_path / "mamba", "--directions", directions_file, "--layer", "1", "-o", tmp_path / "o")
+    assert_clean_failure(result, "'mamba' is not supported", "llama")
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "abliterate.cli", "apply", str(tmp_path / "nope"),
+                             "--directions", "x.safetensors", "--layer", "1", "-o", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
