@@ -135,3 +135,34 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_eval_json_and_bad_inputs(tiny_model_dir, prompt_files, tmp_path):
+    harmful, harmless = prompt_files / "harmful.txt", prompt_files / "harmless.txt"
+    common = ("--harmful", harmful, "--harmless", harmless, "--max-new-tokens", "4", "--kl-tokens", "3")
+    result = run("eval", tiny_model_dir, "--base", tiny_model_dir, *common, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"refusals", "total", "kl", "kl_multi_token", "judge"} <= data.keys()
+    assert data["total"] == 3 and data["kl"] == pytest.approx(0, abs=1e-6) and data["kl_multi_token"] == pytest.approx(0, abs=1e-6)
+
+    assert_clean_failure(run("eval", tiny_model_dir, "--split", "validation"), "unknown split")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_clean_failure(run("eval", tiny_model_dir, "--harmful", tmp_path / "empty.jsonl", "--harmless", harmless), "empty")
+    (tmp_path / "cols.csv").write_text("a,b\nx,y\n")
+    assert_clean_failure(run("eval", tiny_model_dir, "--harmful", tmp_path / "cols.csv", "--column", "prompt",
+                             "--harmless", harmless), "no column 'prompt'")
+    assert_clean_failure(run("eval", tiny_model_dir, "--judge", "oracle", *common), "unknown judge")
+
+
+def test_eval_refuses_a_base_with_another_vocabulary(tiny_model_dir, prompt_files, tmp_path):
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    other = tmp_path / "other-vocab"
+    build_tiny_model("llama", vocab_size=320).save_pretrained(other)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["<extra_a>", "<extra_b>"])
+    tokenizer.save_pretrained(other)
+    result = run("eval", tiny_model_dir, "--base", other, "--harmful", prompt_files / "harmful.txt",
+                 "--harmless", prompt_files / "harmless.txt", "--max-new-tokens", "2")
+    assert_clean_failure(result, "different tokenizers")

@@ -187,5 +187,98 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     click.echo(f"wrote {output}: {len(edits)} component edits baked into {loaded.adapter.model_type} weights")
 
 
+@main.command(name="eval")
+@model_options
+@click.option("--base", default=None,
+              help="Base model for KL. Default: the base_model recorded in MODEL/abliteration.json, if any.")
+@click.option("--harmful", default="harmful", show_default=True, help="Harmful prompts (bundled set, file or dataset id).")
+@click.option("--harmless", default="harmless", show_default=True, help="Benign prompts for KL.")
+@click.option("--column", default=None, help="Column holding the prompts (jsonl/csv/parquet/datasets).")
+@click.option("--split", default="eval", show_default=True, help="Bundled split (train/tune/eval) or dataset split.")
+@click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Generation budget per response.")
+@click.option("--kl-tokens", type=int, default=16, show_default=True, help="Tokens of the base's continuation for multi-token KL (0: off).")
+@click.option("--judge", "judge_name", default="phrase", show_default=True, help="Refusal judge: phrase, embedding, combined.")
+@click.option("--system-prompt", default=None, help="System prompt ('' for none).")
+@click.option("--perplexity", "perplexity_file", default=None, help="Also report perplexity on this UTF-8 text file.")
+@click.option("--batch-size", type=int, default=0, show_default=True, help="0: automatic (16 on CPU, 64 on GPU, halved on OOM).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def eval_command(model, revision, dtype, device_map, trust_remote_code, base, harmful, harmless, column, split, limit,
+                 max_new_tokens, kl_tokens, judge_name, system_prompt, perplexity_file, batch_size, as_json):
+    """Measure refusals (held-out split by default) and KL against the base model."""
+    import json as json_module
+
+    from abliterate.evaluate import Baseline, check_same_vocabulary, evaluate, perplexity
+    from abliterate.judges import get_judge
+    from abliterate.prompts import format_prompts
+
+    if max_new_tokens <= 0 or kl_tokens < 0 or batch_size < 0 or (limit is not None and limit <= 0):
+        raise UserError("--max-new-tokens and --limit must be positive, --kl-tokens and --batch-size not negative")
+    judge = get_judge(judge_name)
+    harmful_prompts, harmless_prompts = _read_prompt_sets(harmful, harmless, column, split)
+    if limit:
+        harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
+    text = _read_utf8(perplexity_file) if perplexity_file else None
+    base = base or _recorded_base(model)
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    batch_size = batch_size or (16 if loaded.device.type == "cpu" else 64)
+    baseline = None
+    if base:
+        base_loaded = loaded if base == model else _load(base, None, dtype, device_map, trust_remote_code)
+        check_same_vocabulary(loaded.tokenizer, base_loaded.tokenizer)
+        with _status("measuring the base model's benign answers"):
+            baseline = Baseline.measure(base_loaded.model, base_loaded.tokenizer,
+                                        format_prompts(base_loaded.tokenizer, harmless_prompts, system_prompt),
+                                        kl_tokens, batch_size=batch_size)
+        del base_loaded
+    with _status(f"generating {len(harmful_prompts)} responses"):
+        metrics = evaluate(loaded.model, loaded.tokenizer, format_prompts(loaded.tokenizer, harmful_prompts, system_prompt),
+                           judge, baseline, max_new_tokens, batch_size)
+    metrics.extra.update(model=model, base=base, split=split, max_new_tokens=max_new_tokens)
+    if text is not None:
+        metrics.extra["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text)
+    if as_json:
+        click.echo(json_module.dumps(metrics.to_dict()))
+        return
+    _print_metrics(metrics)
+
+
+def _read_utf8(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; re-save it as UTF-8") from None
+
+
+def _recorded_base(model: str) -> str | None:
+    import json as json_module
+
+    record = Path(model) / "abliteration.json"
+    if record.is_file():
+        return json_module.loads(record.read_text()).get("base_model")
+    return None
+
+
+def _print_metrics(metrics) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    data = metrics.to_dict()
+    table = Table(title=f"{data['model']} on the {data['split']} split" + (f", against {data['base']}" if data["base"] else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("refusals", f"{data['refusals']}/{data['total']} ({data['refusal_rate']:.0%})")
+    table.add_row("first-token KL", "n/a (no --base)" if data["kl"] is None else f"{data['kl']:.4f}")
+    table.add_row("multi-token KL", "n/a" if data["kl_multi_token"] is None else f"{data['kl_multi_token']:.4f}")
+    table.add_row("degenerate responses", str(data["degenerate"]))
+    if "perplexity" in data:
+        table.add_row("perplexity", f"{data['perplexity']:.2f}")
+    table.add_row("judge", data["judge"])
+    table.add_row("generation tokens saved by early decision", str(data["tokens_saved"]))
+    Console().print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -1,12 +1,32 @@
-"""Measuring a model: greedy responses for the refusal judge, and next-token distributions for KL.
+"""Measuring a model against its base: refusals (by a judge) and damage (KL divergence).
 
-    KL(base ‖ model) = (1/N) Σ_prompts Σ_tokens p_base(t) · (log p_base(t) − log p_model(t))   (batchmean)
-    measured on the first generated token of benign prompts: how much the edit moved the model.
+    first-token KL   = (1/N) Σ_p  Σ_t p_base(t | p) · (log p_base(t | p) − log p_model(t | p))      (batchmean)
+    multi-token KL   = mean over prompts p and positions i < T of KL(p_base(· | p, c<i) ‖ p_model(· | p, c<i)),
+                       c = the base model's own greedy continuation of p (teacher-forced: one forward pass
+                       per batch, no generation for the edited model). Per position the base distribution is
+                       kept as its top-k tokens plus one bucket for the rest (exact when the tail is empty;
+                       never larger than the exact KL), so the baseline stays small in memory.
+
+`Baseline` holds everything that does not change between evaluations against the same base: tokenised
+prompts, the base model's first-token distributions, its continuations and their distributions. A search
+measures it once and then evaluates hundreds of edits against it.
+
+Refusal generation decides early: a sequence stops as soon as the judge's verdict cannot change (a refusal
+phrase is in the opening; or the opening window is full without one), rows that are decided leave the
+batch (their KV cache is dropped), and the batch stops when all are decided.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+from abliterate.errors import UserError
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _batches(items: list, batch_size: int):
@@ -14,29 +34,112 @@ def _batches(items: list, batch_size: int):
         yield start, items[start:start + batch_size]
 
 
+def _encode(tokenizer, texts: list[str], device) -> dict:
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids under left padding: count real tokens only."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def with_batch_backoff(function, items: list, batch_size: int):
+    """Run `function(items, batch_size)`, halving the batch on out-of-memory until it fits."""
+    while True:
+        try:
+            return function(items, batch_size)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not _is_oom(error) or batch_size == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size //= 2
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    tokens: list[list[int]]  # generated token ids, EOS excluded
+    tokens_generated: int  # decode steps actually computed, summed over sequences
+    tokens_budget: int  # what full-length generation would have computed
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_budget - self.tokens_generated
+
+
 @torch.no_grad()
+def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             decided=None) -> Generation:
+    """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early."""
+    texts: list[str] = [""] * len(formatted_prompts)
+    all_tokens: list[list[int]] = [[] for _ in formatted_prompts]
+    generated = 0
+    device = _device(model)
+    eos_ids = set(_eos_ids(model, tokenizer))
+    order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
+    for _, batch_indices in _batches(order, batch_size):
+        inputs = _encode(tokenizer, [formatted_prompts[i] for i in batch_indices], device)
+        mask = inputs["attention_mask"]
+        output = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        cache = output.past_key_values
+        next_tokens = output.logits[:, -1, :].argmax(-1)
+        active = list(batch_indices)  # prompt index of each row still running
+        tokens: dict[int, list[int]] = {i: [] for i in batch_indices}
+        for step in range(max_new_tokens):
+            generated += len(active)
+            keep = []
+            for row, index in enumerate(active):
+                token = int(next_tokens[row])
+                if token in eos_ids:
+                    continue
+                tokens[index].append(token)
+                if decided is not None and decided(tokenizer.decode(tokens[index], skip_special_tokens=True)):
+                    continue
+                keep.append(row)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, device=device)
+                cache.batch_select_indices(rows)
+                mask, next_tokens = mask[rows], next_tokens[rows]
+                active = [active[row] for row in keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            output = model(input_ids=next_tokens[:, None], attention_mask=mask,
+                           position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+            next_tokens = output.logits[:, -1, :].argmax(-1)
+        for index in batch_indices:
+            texts[index] = tokenizer.decode(tokens[index], skip_special_tokens=True)
+            all_tokens[index] = tokens[index]
+    return Generation(texts, all_tokens, generated, max_new_tokens * len(formatted_prompts))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    return [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+
+
 def generate_greedy(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32,
                     batch_size: int = 16) -> list[str]:
-    """Greedy continuations, decoded without special tokens, in the order of the prompts."""
-    device = next(model.parameters()).device
-    responses = []
-    for _, batch in _batches(formatted_prompts, batch_size):
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return responses
+    """Full-length greedy continuations (until EOS or `max_new_tokens`), in prompt order."""
+    return generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size).texts
 
 
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """[N, vocab] float32 log-probabilities of the first response token."""
-    device = next(model.parameters()).device
+    device = _device(model)
     rows = []
     for _, batch in _batches(formatted_prompts, batch_size):
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        inputs = _encode(tokenizer, batch, device)
+        mask = inputs["attention_mask"]
+        logits = model(**inputs, position_ids=_positions(mask), use_cache=False, logits_to_keep=1).logits[:, -1, :]
         rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(rows)
 
@@ -44,9 +147,174 @@ def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_si
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     """KL(base ‖ model), batchmean over prompts."""
     if base_logprobs.shape != logprobs.shape:
-        raise ValueError(f"vocabularies differ: {tuple(base_logprobs.shape)} vs {tuple(logprobs.shape)}")
+        raise UserError(f"the models have different vocabularies ({base_logprobs.shape[-1]} vs {logprobs.shape[-1]} "
+                        "tokens); KL needs a base with the same tokenizer")
     return float(torch.nn.functional.kl_div(logprobs, base_logprobs, log_target=True, reduction="batchmean"))
+
+
+def _coarsened_kl(base_top_logprobs, base_top_ids, logprobs) -> torch.Tensor:
+    """Per-position KL over {top-k tokens of the base} ∪ {everything else}: [..., vocab] → [...]."""
+    model_top = logprobs.gather(-1, base_top_ids)
+    base_p = base_top_logprobs.exp()
+    model_p = model_top.exp()
+    base_rest = (1 - base_p.sum(-1)).clamp_min(1e-12)
+    model_rest = (1 - model_p.sum(-1)).clamp_min(1e-12)
+    top_terms = (base_p * (base_top_logprobs - model_top)).sum(-1)
+    return top_terms + base_rest * (base_rest.log() - model_rest.log())
 
 
 def count_refusals(responses: list[str], judge) -> int:
     return sum(judge.is_refusal(response) for response in responses)
+
+
+@dataclass
+class Baseline:
+    """What a base model does on the benign prompts, measured once and compared against many times."""
+
+    benign_prompts: list[str]  # formatted
+    first_token_logprobs: torch.Tensor  # [N, vocab]
+    continuations: list[list[int]]  # the base's greedy tokens after each prompt
+    top_logprobs: torch.Tensor  # [N, T, k] base log-probs of its top-k tokens at each continuation position
+    top_ids: torch.Tensor  # [N, T, k]
+    vocab_size: int
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model, tokenizer, formatted_benign: list[str], kl_tokens: int = 16, top_k: int = 256,
+                batch_size: int = 16) -> "Baseline":
+        first = next_token_logprobs(model, tokenizer, formatted_benign, batch_size)
+        continuations = []
+        if kl_tokens > 0:
+            generation = generate(model, tokenizer, formatted_benign, kl_tokens, batch_size)
+            continuations = [tokens or [tokenizer.eos_token_id] for tokens in generation.tokens]
+        baseline = cls(formatted_benign, first, continuations, torch.empty(0), torch.empty(0), first.shape[-1])
+        if kl_tokens > 0:
+            logprobs = baseline._continuation_logprobs(model, tokenizer, batch_size)
+            k = min(top_k, first.shape[-1])
+            baseline.top_logprobs, baseline.top_ids = logprobs.topk(k, dim=-1)
+        return baseline
+
+    @torch.no_grad()
+    def _continuation_logprobs(self, model, tokenizer, batch_size: int) -> torch.Tensor:
+        """[N, T, vocab] log-probs at each continuation position, teacher-forced in one forward pass per batch.
+        Positions beyond a continuation's length are padding, masked out by `_continuation_mask`."""
+        device = _device(model)
+        length = max(len(c) for c in self.continuations)
+        rows = []
+        for start, batch in _batches(self.benign_prompts, batch_size):
+            conts = self.continuations[start:start + batch_size]
+            prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in batch]
+            # Left-pad prompt+continuation (minus its last token) so every row's prediction slots line up at the end.
+            sequences = [p + c[:-1] + [tokenizer.pad_token_id] * (length - len(c)) for p, c in zip(prompt_ids, conts)]
+            width = max(map(len, sequences))
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (sequence, cont) in enumerate(zip(sequences, conts)):
+                real = len(sequence) - (length - len(cont))
+                ids[row, width - len(sequence):] = torch.tensor(sequence)
+                mask[row, width - len(sequence): width - len(sequence) + real] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                           logits_to_keep=length).logits
+            rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(rows)
+
+    def _continuation_mask(self) -> torch.Tensor:
+        length = self.top_ids.shape[1]
+        return torch.tensor([[1.0] * len(c) + [0.0] * (length - len(c)) for c in self.continuations])
+
+    def kl(self, model, tokenizer, batch_size: int = 16) -> float:
+        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size)
+        return kl_divergence(self.first_token_logprobs, logprobs)
+
+    @torch.no_grad()
+    def kl_multi_token(self, model, tokenizer, batch_size: int = 16) -> float | None:
+        if not self.continuations:
+            return None
+        logprobs = self._continuation_logprobs(model, tokenizer, batch_size)
+        if logprobs.shape[-1] != self.vocab_size:
+            raise UserError(f"the models have different vocabularies ({self.vocab_size} vs {logprobs.shape[-1]} "
+                            "tokens); KL needs a base with the same tokenizer")
+        per_position = _coarsened_kl(self.top_logprobs, self.top_ids, logprobs)
+        mask = self._continuation_mask()
+        return float((per_position * mask).sum() / mask.sum())
+
+
+@dataclass
+class RefusalResult:
+    refusals: int
+    total: int
+    responses: list[str]
+    verdicts: list[bool]
+    degenerate: int
+    tokens_generated: int
+    tokens_saved: int
+
+
+def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
+                     batch_size: int = 16, early_stop: bool = True) -> RefusalResult:
+    """Generate (deciding early when the judge allows) and judge each response."""
+    decided = getattr(judge, "decided", None) if early_stop else None
+    result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided),
+                                formatted_harmful, batch_size)
+    verdicts = [judge.is_refusal(text) for text in result.texts]
+    degenerate = sum(getattr(judge, "is_degenerate", lambda _: False)(text) for text in result.texts)
+    return RefusalResult(sum(verdicts), len(verdicts), result.texts, verdicts, degenerate, result.tokens_generated,
+                         result.tokens_saved)
+
+
+@dataclass
+class Metrics:
+    refusals: int
+    total: int
+    kl: float | None
+    kl_multi_token: float | None
+    judge: str
+    degenerate: int = 0
+    tokens_saved: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self, responses: bool = False) -> dict:
+        data = {"refusals": self.refusals, "total": self.total, "refusal_rate": self.refusals / max(self.total, 1),
+                "kl": self.kl, "kl_multi_token": self.kl_multi_token, "judge": self.judge,
+                "degenerate": self.degenerate, "tokens_saved": self.tokens_saved}
+        extra = self.extra if responses else {k: v for k, v in self.extra.items() if k not in ("responses", "verdicts")}
+        return {**data, **extra}
+
+
+def check_same_vocabulary(tokenizer, base_tokenizer) -> None:
+    """KL compares distributions token by token: both models must share one tokenizer."""
+    if tokenizer.get_vocab() != base_tokenizer.get_vocab():
+        raise UserError(f"the model and the base have different tokenizers ({len(tokenizer)} vs {len(base_tokenizer)} "
+                        "tokens); KL needs a base with the same vocabulary (e.g. the model it was made from)")
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
+    """exp(mean next-token negative log-likelihood) over `text`, in non-overlapping windows."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if len(ids) < 2:
+        raise UserError("the perplexity text is too short (fewer than 2 tokens)")
+    device = _device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1].to(device)[None]
+        logits = model(input_ids=chunk[:, :-1], use_cache=False).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+def evaluate(model, tokenizer, formatted_harmful: list[str], judge, baseline: Baseline | None,
+             max_new_tokens: int = 32, batch_size: int = 16) -> Metrics:
+    """Refusals on the harmful prompts; KL (first token and multi-token) against the baseline, if any."""
+    from abliterate.judges import judge_refusals
+
+    result = measure_refusals(model, tokenizer, formatted_harmful, judge, max_new_tokens, batch_size)
+    if hasattr(judge, "refusals"):  # batched judges re-judge all responses at once
+        result.verdicts = judge_refusals(judge, result.responses)
+        result.refusals = sum(result.verdicts)
+    kl = baseline.kl(model, tokenizer, batch_size) if baseline else None
+    kl_multi = baseline.kl_multi_token(model, tokenizer, batch_size) if baseline else None
+    return Metrics(result.refusals, result.total, kl, kl_multi, judge.name, result.degenerate, result.tokens_saved,
+                   {"responses": result.responses, "verdicts": result.verdicts})

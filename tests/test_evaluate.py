@@ -1,0 +1,78 @@
+"""Evaluation: our cached greedy decoding equals transformers' generate; early decision changes no verdict;
+KL is zero against itself and positive after an edit; multi-token KL is teacher-forced correctly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abliterate.ablation import AblationParams, ablate, plan_edits
+from abliterate.arch import adapter_for
+from abliterate.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
+from abliterate.judges import PhraseJudge
+from conftest import build_tiny_model, build_tiny_tokenizer
+
+PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
+           "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3_text", "qwen3_moe", "gpt2"])
+def model_and_tokenizer(request):
+    return build_tiny_model(request.param), build_tiny_tokenizer()
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens):
+    texts = []
+    for prompt in prompts:  # one at a time: no padding at all, the reference
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def test_batched_cached_greedy_equals_transformers_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ours = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    assert ours.texts == hf_greedy(model, tokenizer, PROMPTS, 12)
+    assert ours.tokens_generated <= ours.tokens_budget == 12 * len(PROMPTS)
+
+
+def test_early_decision_keeps_every_verdict_and_saves_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    # A judge whose "refusal phrase" is any letter 'a' in the opening: decided early for most rows.
+    judge = PhraseJudge(markers=("a",), opening_chars=8)
+    early = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=True)
+    full = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=False)
+    assert early.verdicts == full.verdicts
+    assert early.tokens_saved > 0 and full.tokens_saved >= 0
+    for short, long in zip(early.responses, full.responses):
+        assert long.startswith(short)
+
+
+def test_kl_zero_against_itself_and_positive_after_an_edit():
+    model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
+    baseline = Baseline.measure(model, tokenizer, PROMPTS, kl_tokens=6, top_k=320, batch_size=2)
+    assert baseline.kl(model, tokenizer) == pytest.approx(0.0, abs=1e-6)
+    assert baseline.kl_multi_token(model, tokenizer, batch_size=3) == pytest.approx(0.0, abs=1e-5)
+    adapter = adapter_for(model)
+    directions = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with ablate(plan_edits(adapter, directions, AblationParams.single_direction(2, 1.0))):
+        kl = baseline.kl(model, tokenizer)
+        multi = baseline.kl_multi_token(model, tokenizer)
+        # Reference for the multi-token value: run each prompt+continuation alone, full vocabulary.
+        reference = []
+        for prompt, cont, top_logprobs in zip(PROMPTS, baseline.continuations, baseline.top_logprobs):
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids + cont[:-1]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -len(cont):].float(), -1)
+            base = top_logprobs[: len(cont)]  # top_k = vocab: the full distribution, sorted
+            ids_sorted = baseline.top_ids[PROMPTS.index(prompt), : len(cont)]
+            reference.extend((base.exp() * (base - logprobs.gather(-1, ids_sorted))).sum(-1).tolist())
+    assert kl > 1e-4 and multi > 1e-4
+    assert multi == pytest.approx(sum(reference) / len(reference), rel=1e-3, abs=1e-6)
+
+
+def test_first_token_logprobs_do_not_depend_on_batching():
+    model, tokenizer = build_tiny_model("qwen2"), build_tiny_tokenizer()
+    torch.testing.assert_close(next_token_logprobs(model, tokenizer, PROMPTS, 1),
+                               next_token_logprobs(model, tokenizer, PROMPTS, 4), atol=1e-5, rtol=1e-5)
