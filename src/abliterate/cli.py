@@ -187,6 +187,50 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     click.echo(f"wrote {output}: {len(edits)} component edits baked into {loaded.adapter.model_type} weights")
 
 
+@main.command(name="run")
+@click.argument("model", required=False)
+@click.option("-o", "--output", default=None, help="Output directory (default: ./abliterate-<model name>). Holds the run state; "
+              "running the same command again resumes.")
+@click.option("--trials", type=int, default=None, help="Trials in total (default 50).")
+@click.option("--startup-trials", type=int, default=None, help="Random trials before TPE (default 12).")
+@click.option("--seed", type=int, default=None, help="Sampler seed (default 0).")
+@click.option("--pick", default=None, help="Which trial to save without asking: auto (default), min-kl:refusals<=0.05, "
+              "min-refusals:kl<=0.2, trial:17.")
+@click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
+@click.option("--harmful", default=None, help="Harmful prompts (default: the bundled set and its splits).")
+@click.option("--harmless", default=None, help="Harmless prompts.")
+@click.option("--column", default=None, help="Column holding the prompts.")
+@click.option("--tune-prompts", type=int, default=None, help="Prompts per trial from the tune split (default 48).")
+@click.option("--eval-prompts", type=int, default=None, help="Held-out prompts for the final report (default 100).")
+@click.option("--max-new-tokens", type=int, default=None, help="Generation budget per response (default 32).")
+@click.option("--judge", default=None, help="Refusal judge: phrase (default), embedding, combined.")
+@click.option("--dtype", default=None, help="auto (default), float32, bfloat16, float16.")
+@click.option("--device-map", default=None, help="Passed to transformers/accelerate.")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repository's own code.")
+@click.option("--print-config", is_flag=True, help="Print every setting with its default (config.default.toml) and exit.")
+def run_command(model, output, config_file, print_config, **flags):
+    """Search for the best ablation of MODEL (default: the bundled tiny model) and save it, measured."""
+    from abliterate.config import default_toml, load_settings
+    from abliterate.run import run
+    from abliterate.search import check_pick_rule
+
+    if print_config:
+        click.echo(default_toml(), nl=False)
+        return
+    flags["trust_remote_code"] = flags["trust_remote_code"] or None  # unset unless given: env/TOML may set it
+    settings = load_settings(config_file, model=model, **flags)
+    check_pick_rule(settings.pick)
+    if output is None:
+        output = f"abliterate-{Path(settings.model.rstrip('/')).name.removesuffix('.gguf') or 'model'}"
+    from abliterate.progress import RunDisplay
+
+    display = RunDisplay(interactive=sys.stdin.isatty() and sys.stdout.isatty() and flags.get("pick") is None)
+    with display:
+        result = run(settings, Path(output), display)
+    display.summary(result)
+
+
 @main.command(name="eval")
 @model_options
 @click.option("--base", default=None,

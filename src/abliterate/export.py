@@ -36,3 +36,82 @@ def save_hf(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str | 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
+
+
+def save_into(model, tokenizer, out_dir: Path, extra_files: dict[str, str], record_name: str, record: dict) -> None:
+    """Write a complete model into an existing run directory: files are written beside it, then moved in;
+    the record (`abliteration.json`) goes last, so its presence means the model files are complete."""
+    staging = out_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    (out_dir / record_name).unlink(missing_ok=True)
+    clear_gguf_quantizer(model)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    for name, text in extra_files.items():
+        (staging / name).write_text(text)
+    for path in staging.iterdir():
+        path.replace(out_dir / path.name)
+    staging.rmdir()
+    partial = out_dir / (record_name + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(out_dir / record_name)
+
+
+def _fmt(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def model_card(record: dict) -> str:
+    """A Hugging Face model card: what was done, measured how, and how to use it."""
+    base, edited = record["metrics"]["base"], record["metrics"]["abliterated"]
+    rows = []
+    for split, label in (("tune", "tune (optimised on)"), ("eval", "eval (held out)")):
+        b, a = base[split], edited[split]
+        rows.append(f"| {label} | {b['refusals']}/{b['total']} | {a['refusals']}/{a['total']} | {_fmt(a['kl'])} | "
+                    f"{_fmt(a['kl_multi_token'])} |")
+    params = json.dumps(record["parameters"], indent=2)
+    return f"""---
+base_model: {record['base_model']}
+library_name: transformers
+tags:
+- abliterated
+- uncensored
+---
+
+# {record['base_model']} — abliterated
+
+The refusal direction of `{record['base_model']}` removed from its weights by directional ablation
+({record['tool']}), trial {record['trial']} of {record['trials_finished']}
+of a multi-objective search minimising refusals and KL divergence.
+
+| split | refusals (base) | refusals (abliterated) | first-token KL | multi-token KL |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Refusals judged by the `{record['judge']}` judge on greedy answers of up to {record['settings']['max_new_tokens']} tokens;
+KL(base ‖ abliterated) on benign prompts of the same split. The search saw only the tune split; the eval
+split is held out. Measured in {record['dtype']} on the weights as saved.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+```
+
+Reproduce the held-out numbers: `abliterate eval PATH --base {record['base_model']} --split eval \
+--limit {record['settings']['eval_prompts']} --max-new-tokens {record['settings']['max_new_tokens']} \
+--kl-tokens {record['settings']['kl_tokens']} --judge {record['judge']} --dtype {record['dtype']}`.
+
+## Parameters
+
+```json
+{params}
+```
+
+`abliteration.json` holds everything needed to reproduce the run: parameters, the directions file's sha256,
+the seed, all settings and the sha256 of every prompt set.
+
+This model no longer refuses harmful requests reliably. You are responsible for how you use it.
+"""

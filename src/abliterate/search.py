@@ -1,0 +1,181 @@
+"""Search: multi-objective optimisation (Optuna TPE) of the ablation, minimising (refusals, KL) on the tune split.
+
+One trial: sample parameters → apply them in memory (hooks, no reload) → first-token KL on the benign tune
+prompts (one forward pass) → if the trial cannot reach the Pareto front, stop here → otherwise generate
+the harmful tune prompts with early decision and count refusals. Gibberish answers count as refusals: a
+degenerate answer helps nobody, so the search treats it as damage, not success.
+
+A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
+0 refusals at a KL no higher than this one's: then this trial is dominated whatever its refusals.
+It is recorded with the pessimistic value refusals = total, so the sampler still learns the region is bad.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import optuna
+
+from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.config import SearchSpace
+from abliterate.errors import UserError
+from abliterate.evaluate import measure_refusals
+
+# (band, KL below, refusal rate below): reference 001's quality bands.
+QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
+STUDY_NAME = "abliterate"
+
+
+def quality_band(refusal_rate: float, kl: float) -> str:
+    for band, kl_limit, rate_limit in QUALITY_BANDS:
+        if kl < kl_limit and refusal_rate < rate_limit:
+            return band
+    return "Poor"
+
+
+def advice(refusal_rate: float, kl: float, degenerate: int) -> list[str]:
+    tips = []
+    if refusal_rate > 0.05:
+        tips.append("refusals above 5%: run more trials (the same command resumes)")
+    if kl > 0.40:
+        tips.append("KL above 0.40: lower space.max_weight or use direction_scope = [\"global\"]")
+    if degenerate:
+        tips.append("gibberish answers: keep space.max_weight at or below 1.5")
+    return tips
+
+
+def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> AblationParams:
+    """Sample one parameter set; positions are sampled in layers, from fractions of depth in `space`."""
+    last = n_layers - 1
+    scope = trial.suggest_categorical("direction_scope", space.direction_scope)
+    index = (trial.suggest_float("direction_index", space.direction_index[0] * last, space.direction_index[1] * last)
+             if scope == "global" else None)
+    norm_preserving = trial.suggest_categorical("norm_preserving", space.norm_preserving)
+    components = {}
+    for kind in space.components:
+        max_weight = trial.suggest_float(f"{kind}.max_weight", *space.max_weight)
+        position = trial.suggest_float(f"{kind}.max_weight_position", space.max_weight_position[0] * last,
+                                       space.max_weight_position[1] * last)
+        min_fraction = trial.suggest_float(f"{kind}.min_weight", *space.min_weight)
+        distance = trial.suggest_float(f"{kind}.min_weight_distance", max(space.min_weight_distance[0] * n_layers, 0.5),
+                                       max(space.min_weight_distance[1] * n_layers, 0.5))
+        components[kind] = ComponentParams(index, Kernel(max_weight, position, min_fraction * max_weight, distance))
+    return AblationParams(components, norm_preserving)
+
+
+@dataclass
+class TrialContext:
+    """What every trial measures against: computed once per run."""
+
+    loaded: object
+    directions: object  # [n_layers, hidden] tensor
+    tune_harmful: list[str]  # formatted
+    baseline: object  # evaluate.Baseline on the benign tune prompts
+    judge: object
+    max_new_tokens: int
+    batch_size: int
+    max_kl: float
+
+
+def _dominated_by_zero_refusals(study: optuna.Study, kl: float) -> bool:
+    for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if done.values[0] == 0 and done.values[1] <= kl and not done.user_attrs.get("cut_short"):
+            return True
+    return False
+
+
+def objective(context: TrialContext, space: SearchSpace):
+    loaded = context.loaded
+    total = len(context.tune_harmful)
+
+    def run_trial(trial: optuna.Trial):
+        params = suggest_params(trial, space, loaded.adapter.n_layers)
+        trial.set_user_attr("params", params.to_dict())
+        edits = plan_edits(loaded.adapter, context.directions, params)
+        with ablate(edits, params.norm_preserving):
+            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size)
+            if not math.isfinite(kl) or kl > context.max_kl or _dominated_by_zero_refusals(trial.study, kl):
+                trial.set_user_attr("cut_short", True)
+                return float(total), kl if math.isfinite(kl) else 1e6
+            result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
+                                      context.max_new_tokens, context.batch_size)
+        degenerate_answers = sum(is_gib and not refused for is_gib, refused in
+                                 zip(map(context.judge.is_degenerate, result.responses), result.verdicts))
+        trial.set_user_attr("refusals", result.refusals)
+        trial.set_user_attr("degenerate", degenerate_answers)
+        trial.set_user_attr("tokens_saved", result.tokens_saved)
+        return float(result.refusals + degenerate_answers), kl
+
+    return run_trial
+
+
+def open_study(storage_path: str, seed: int, startup_trials: int) -> optuna.Study:
+    """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True)
+    storage = JournalStorage(JournalFileBackend(storage_path))
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
+                               sampler=sampler, load_if_exists=True)
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Non-dominated finished trials that were measured in full, by refusals then KL."""
+    candidates = [t for t in finished_trials(study) if not t.user_attrs.get("cut_short")]
+    front = [t for t in candidates if not any(
+        o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in candidates)]
+    unique = {tuple(t.values): t for t in sorted(front, key=lambda t: -t.number)}  # equal points: keep the earliest
+    return sorted(unique.values(), key=lambda t: (t.values[0], t.values[1]))
+
+
+_PICK = re.compile(r"^(min-kl):refusals<=([0-9.]+)$|^(min-refusals):kl<=([0-9.]+)$|^trial:(\d+)$|^auto$")
+
+
+def check_pick_rule(rule: str) -> None:
+    if not _PICK.match(rule.strip()):
+        raise UserError(f"unknown pick rule '{rule}'; use auto, min-kl:refusals<=0.05, min-refusals:kl<=0.2 or trial:17")
+
+
+def pick_trial(study: optuna.Study, rule: str, total: int) -> optuna.trial.FrozenTrial:
+    """Choose the trial to save. `refusals<=R`: R below 1 is a rate, else a count."""
+    check_pick_rule(rule)
+    match = _PICK.match(rule.strip())
+    front = pareto_front(study)
+    if not front:
+        raise UserError("no trial finished with a full measurement yet; run more trials")
+    if match.group(5):
+        number = int(match.group(5))
+        for trial in finished_trials(study):
+            if trial.number == number and not trial.user_attrs.get("cut_short"):
+                return trial
+        raise UserError(f"trial {number} did not finish with a full measurement; the Pareto front is "
+                        f"{', '.join(str(t.number) for t in front)}")
+    if match.group(1):
+        limit = float(match.group(2))
+        allowed = limit * total if limit < 1 else limit
+        within = [t for t in front if t.values[0] <= allowed + 1e-9]
+        if not within:
+            raise UserError(f"no trial has refusals <= {match.group(2)} (best: {int(front[0].values[0])}/{total}); "
+                            "relax the rule or run more trials")
+        return min(within, key=lambda t: t.values[1])
+    if match.group(3):
+        limit = float(match.group(4))
+        within = [t for t in front if t.values[1] <= limit]
+        if not within:
+            raise UserError(f"no trial has KL <= {limit} (lowest: {min(t.values[1] for t in front):.3f}); "
+                            "relax the rule or run more trials")
+        return min(within, key=lambda t: (t.values[0], t.values[1]))
+    # auto: the lowest KL among trials with at most 5% refusals, else the fewest refusals
+    within = [t for t in front if t.values[0] <= 0.05 * total]
+    return min(within, key=lambda t: t.values[1]) if within else front[0]

@@ -1,0 +1,225 @@
+"""`abliterate run` on a tiny random model: the whole job, resume after SIGKILL, pick rules, the interactive
+path in a pseudo-terminal, settings precedence, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from abliterate.cli import main
+from abliterate.config import RunSettings, default_toml, load_settings
+from abliterate.errors import UserError
+from abliterate.search import pareto_front, pick_trial
+
+SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def prompt_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run-prompts")
+    (path / "harmful.txt").write_text("\n".join(f"Do bad thing number {i}" for i in range(10)))
+    (path / "harmless.txt").write_text("\n".join(f"Bake cake number {i}" for i in range(10)))
+    (path / "config.toml").write_text("direction_prompts = 4\nkl_tokens = 2\n")
+    return path
+
+
+def run_args(model_dir, prompt_dir, out, *extra):
+    return ["run", str(model_dir), "-o", str(out), "--harmful", str(prompt_dir / "harmful.txt"),
+            "--harmless", str(prompt_dir / "harmless.txt"), "--config", str(prompt_dir / "config.toml"), *SMALL, *extra]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_run_saves_a_measured_model_and_eval_reproduces_its_numbers(tiny_model_dir, prompt_dir, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(run_args(tiny_model_dir, prompt_dir, out))
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "abliteration.json", "study.journal",
+            "directions.safetensors", "run.json"} <= files
+    record = json.loads((out / "abliteration.json").read_text())
+    assert record["trials_finished"] == 3 and record["seed"] == 0 and len(record["directions"]["sha256"]) == 64
+    assert set(record["prompt_sets_sha256"]) == {f"{s}_{k}" for s in ("train", "tune", "eval") for k in ("harmful", "harmless")}
+    card = (out / "README.md").read_text()
+    assert "eval (held out)" in card and "tune (optimised on)" in card and f"trial {record['trial']}" in card
+
+    held_out = record["metrics"]["abliterated"]["eval"]
+    result = invoke(["eval", str(out), "--harmful", str(prompt_dir / "harmful.txt"), "--harmless",
+                     str(prompt_dir / "harmless.txt"), "--split", "eval", "--limit", "3", "--max-new-tokens", "4",
+                     "--kl-tokens", "2", "--json"])
+    # A user's file has no splits: run carved eval out of its last 30%, so eval it the same way.
+    assert result.exit_code == 0, result.output
+
+
+def test_eval_reproduces_card_numbers_on_the_bundled_splits(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_model_dir), "-o", str(out), "--trials", "2", "--startup-trials", "2", "--tune-prompts", "4",
+            "--eval-prompts", "5", "--max-new-tokens", "4"]
+    env = {"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "3"}
+    result = CliRunner(env=env).invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "abliteration.json").read_text())
+    assert record["settings"]["direction_prompts"] == 4  # from the environment
+    held_out = record["metrics"]["abliterated"]["eval"]
+    result = invoke(["eval", str(out), "--split", "eval", "--limit", "5", "--max-new-tokens", "4", "--kl-tokens", "3",
+                     "--dtype", record["dtype"], "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["base"] == str(tiny_model_dir)
+    assert measured["refusals"] == held_out["refusals"] and measured["total"] == held_out["total"] == 5
+    assert measured["kl"] == pytest.approx(held_out["kl"], abs=1e-6)
+    assert measured["kl_multi_token"] == pytest.approx(held_out["kl_multi_token"], abs=1e-6)
+
+
+def synthetic_study(points):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for refusals, kl in points:
+        study.add_trial(optuna.trial.create_trial(values=[refusals, kl], params={}, distributions={},
+                                                  user_attrs={"params": {}}))
+    return study
+
+
+def test_pick_rules():
+    #                       0         1          2           3          4 (dominated by 1)
+    study = synthetic_study([(0, 0.9), (1, 0.3), (2, 0.12), (10, 0.01), (3, 0.5)])
+    assert [t.number for t in pareto_front(study)] == [0, 1, 2, 3]
+    assert pick_trial(study, "auto", 40).number == 2  # <= 5% of 40 = 2 refusals, lowest KL
+    assert pick_trial(study, "min-kl:refusals<=0.03", 40).number == 1  # a rate: <= 1.2 refusals
+    assert pick_trial(study, "min-kl:refusals<=2", 40).number == 2  # a count
+    assert pick_trial(study, "min-refusals:kl<=0.2", 40).number == 2
+    assert pick_trial(study, "trial:4", 40).number == 4
+    assert pick_trial(synthetic_study([(30, 0.2), (35, 0.1)]), "auto", 40).number == 0  # none <= 5%: fewest refusals
+    for impossible in ("trial:99", "min-refusals:kl<=0.001"):
+        with pytest.raises(UserError):
+            pick_trial(study, impossible, 40)
+    with pytest.raises(UserError, match="refusals <= 0"):
+        pick_trial(synthetic_study([(1, 0.1)]), "min-kl:refusals<=0", 40)
+    with pytest.raises(UserError, match="unknown pick rule"):
+        pick_trial(study, "best", 40)
+
+
+def _finished(out) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    study = optuna.load_study(study_name="abliterate", storage=storage)
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, prompt_dir, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_model_dir, prompt_dir, out, "--pick", "auto")
+    args[args.index("--trials") + 1] = "40"
+    command = [sys.executable, "-m", "abliterate.cli", *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (out / "study.journal").exists() and len(_finished(out)) >= 4:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {t.number: t.params for t in _finished(out)}
+    assert 4 <= len(before) < 40, "the run should have been killed mid-search"
+    assert not (out / "abliteration.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    after = _finished(out)
+    assert len(after) == 40  # the total asked for, counting the trials finished before the kill
+    assert all(before[t.number] == t.params for t in after if t.number in before)  # nothing finished was redone
+    assert (out / "abliteration.json").exists()
+
+
+def _pty_run(command, answers, timeout=240):
+    """Run `command` in a pseudo-terminal; answer each prompt fragment with the given text."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(command[0], command)
+    output, pending = b"", list(answers)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        if pending and pending[0][0].encode() in output.split(b"\x00")[-1]:
+            fragment, answer = pending.pop(0)
+            output += b"\x00"  # mark what was answered
+            os.write(fd, answer.encode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.replace(b"\x00", b"").decode(errors="replace"), pending
+
+
+def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]
+    answers = [("Trial to use", "\r"), ("[s]ave", "m\r"), ("How many more", "2\r"), ("Trial to use", "\r"), ("[s]ave", "s\r")]
+    code, output, pending = _pty_run(command, answers)
+    assert code == 0 and not pending, output[-2000:]
+    assert "Pareto front" in output
+    assert len(_finished(out)) == 5  # 3 asked for + 2 more chosen interactively
+    assert (out / "abliteration.json").exists()
+
+
+def test_settings_precedence_and_the_shipped_defaults(tmp_path, monkeypatch):
+    from importlib import resources
+
+    shipped = (resources.files("abliterate") / "config.default.toml").read_text()
+    assert shipped == default_toml()
+    assert load_settings(str(resources.files("abliterate") / "config.default.toml")) == RunSettings()
+    (tmp_path / "c.toml").write_text("trials = 7\nseed = 3\nmax_new_tokens = 9\n[space]\nmax_weight = [0.5, 1.0]\n")
+    monkeypatch.setenv("ABLITERATE_SEED", "4")
+    monkeypatch.setenv("ABLITERATE_TRIALS", "8")
+    settings = load_settings(str(tmp_path / "c.toml"), trials=9)
+    assert (settings.trials, settings.seed, settings.max_new_tokens) == (9, 4, 9)  # flag > env > file > default
+    assert settings.space.max_weight == (0.5, 1.0)
+
+
+def test_bad_input(tiny_model_dir, prompt_dir, tmp_path):
+    def fails(args, *fragments):
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()  # status lines may come first; the error is one line, last
+        line = lines[-1]
+        assert line.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+        for fragment in fragments:
+            assert fragment in line, line
+
+    out = tmp_path / "out"
+    fails(run_args(tiny_model_dir, prompt_dir, out, "--trials", "0"), "trials")
+    fails(run_args(tiny_model_dir, prompt_dir, out, "--pick", "best-one"), "unknown pick rule")
+    (tmp_path / "bad.toml").write_text("trails = 3\n")
+    fails(["run", str(tiny_model_dir), "-o", str(out), "--config", str(tmp_path / "bad.toml")], "did you mean 'trials'")
+    (tmp_path / "range.toml").write_text("[space]\nmax_weight = [2.0, 1.0]\n")
+    fails(["run", str(tiny_model_dir), "-o", str(out), "--config", str(tmp_path / "range.toml")], "max_weight")
+    assert not out.exists()
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    fails(run_args(tiny_model_dir, prompt_dir, other), "not a previous run")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    finished = tmp_path / "finished"
+    assert invoke(run_args(tiny_model_dir, prompt_dir, finished)).exit_code == 0
+    fails(run_args(tiny_model_dir, prompt_dir, finished, "--pick", "trial:99"), "trial 99")
+    assert len(_finished(finished)) == 3 and (finished / "abliteration.json").exists()  # nothing lost
+    fails(run_args(tiny_model_dir, prompt_dir, finished, "--max-new-tokens", "5"), "other settings", "max_new_tokens")
