@@ -39,6 +39,15 @@ def test_file_formats(tmp_path):
     assert load_prompts(str(tmp_path / "p.parquet")) == ["x", "y"]
 
 
+def test_files_without_a_split_column_are_split_40_30_30_in_order(tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(f"prompt {i}" for i in range(10)))
+    parts = {split: load_prompts(str(tmp_path / "p.txt"), split=split) for split in SPLITS}
+    assert parts == {"train": [f"prompt {i}" for i in range(4)], "tune": [f"prompt {i}" for i in range(4, 7)],
+                     "eval": [f"prompt {i}" for i in range(7, 10)]}
+    (tmp_path / "s.jsonl").write_text('{"prompt": "a", "split": "eval"}\n{"prompt": "b", "split": "train"}\n')
+    assert load_prompts(str(tmp_path / "s.jsonl"), split="eval") == ["a"]
+
+
 def test_local_dataset_directory_through_datasets(tmp_path):
     data = tmp_path / "my-dataset"
     data.mkdir()

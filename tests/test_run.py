@@ -55,12 +55,15 @@ def test_run_saves_a_measured_model_and_eval_reproduces_its_numbers(tiny_model_d
     card = (out / "README.md").read_text()
     assert "eval (held out)" in card and "tune (optimised on)" in card and f"trial {record['trial']}" in card
 
+    # A user's file has no split column: both commands take its last 30% as the eval split.
     held_out = record["metrics"]["abliterated"]["eval"]
     result = invoke(["eval", str(out), "--harmful", str(prompt_dir / "harmful.txt"), "--harmless",
                      str(prompt_dir / "harmless.txt"), "--split", "eval", "--limit", "3", "--max-new-tokens", "4",
                      "--kl-tokens", "2", "--json"])
-    # A user's file has no splits: run carved eval out of its last 30%, so eval it the same way.
     assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert (measured["refusals"], measured["total"]) == (held_out["refusals"], 3)
+    assert measured["kl"] == pytest.approx(held_out["kl"], abs=1e-6)
 
 
 def test_eval_reproduces_card_numbers_on_the_bundled_splits(tiny_model_dir, tmp_path):

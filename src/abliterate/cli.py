@@ -238,7 +238,7 @@ def run_command(model, output, config_file, print_config, **flags):
 @click.option("--harmful", default="harmful", show_default=True, help="Harmful prompts (bundled set, file or dataset id).")
 @click.option("--harmless", default="harmless", show_default=True, help="Benign prompts for KL.")
 @click.option("--column", default=None, help="Column holding the prompts (jsonl/csv/parquet/datasets).")
-@click.option("--split", default="eval", show_default=True, help="Bundled split (train/tune/eval) or dataset split.")
+@click.option("--split", default=None, help="train/tune/eval (default: eval for the bundled sets, every prompt of a file).")
 @click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Generation budget per response.")
 @click.option("--kl-tokens", type=int, default=16, show_default=True, help="Tokens of the base's continuation for multi-token KL (0: off).")
@@ -259,7 +259,7 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     if max_new_tokens <= 0 or kl_tokens < 0 or batch_size < 0 or (limit is not None and limit <= 0):
         raise UserError("--max-new-tokens and --limit must be positive, --kl-tokens and --batch-size not negative")
     judge = get_judge(judge_name)
-    harmful_prompts, harmless_prompts = _read_prompt_sets(harmful, harmless, column, split)
+    harmful_prompts, harmless_prompts = _read_prompt_sets(harmful, harmless, column, split, default_split="eval")
     if limit:
         harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
     text = _read_utf8(perplexity_file) if perplexity_file else None
@@ -278,7 +278,10 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     with _status(f"generating {len(harmful_prompts)} responses"):
         metrics = evaluate(loaded.model, loaded.tokenizer, format_prompts(loaded.tokenizer, harmful_prompts, system_prompt),
                            judge, baseline, max_new_tokens, batch_size)
-    metrics.extra.update(model=model, base=base, split=split, max_new_tokens=max_new_tokens)
+    from abliterate.prompts import BUNDLED_SETS
+
+    default_label = "eval" if harmful in BUNDLED_SETS else "all prompts"
+    metrics.extra.update(model=model, base=base, split=split or default_label, max_new_tokens=max_new_tokens)
     if text is not None:
         metrics.extra["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text)
     if as_json:

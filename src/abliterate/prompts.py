@@ -102,35 +102,56 @@ def _from_dataset(dataset_id: str, column: str | None, split: str | None) -> lis
     return list(data[_pick_column(list(data.column_names), column, dataset_id)])
 
 
-def load_prompts(source: str, column: str | None = None, split: str | None = None) -> list[str]:
-    """Prompts from a bundled set ("harmful", "harmless"), a .txt/.jsonl/.csv/.parquet file, or a dataset id.
+def _split_records(records: list[dict], split: str | None, source: str) -> list[dict]:
+    """A file with a `split` column is filtered by it; a file without one is split in order."""
+    if split is None:
+        return records
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; files have the splits {', '.join(SPLITS)}")
+    if records and "split" in records[0]:
+        return [r for r in records if r.get("split") == split]
+    return carve(records, split)
 
-    `split` selects a bundled split (train/tune/eval; default: all) or a dataset split (default: train).
+
+def carve(items: list, split: str) -> list:
+    """The fixed split of a set without one: first 40% train, next 30% tune, last 30% eval (disjoint)."""
+    n = len(items)
+    bounds = {"train": (0, n * 4 // 10), "tune": (n * 4 // 10, n * 7 // 10), "eval": (n * 7 // 10, n)}
+    low, high = bounds[split]
+    return items[low:high]
+
+
+def _file_records(path: Path, source: str) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _records_jsonl(path)
+    if suffix == ".csv":
+        return _records_csv(path)
+    if suffix == ".parquet":
+        return _records_parquet(path)
+    return [{"prompt": line} for line in _read_text(path).splitlines() if line.strip()]
+
+
+def load_prompts(source: str, column: str | None = None, split: str | None = None) -> list[str]:
+    """Prompts from a bundled set ("harmful", "harmless"), a .txt/.jsonl/.csv/.parquet file, or a dataset.
+
+    `split` (train/tune/eval) selects rows by a file's `split` column (the bundled sets have one), else the
+    fixed 40/30/30 split in file order (`carve`); for a dataset id it names the dataset's split (default
+    train). None: every prompt.
     """
+    path = Path(source)
     if source in BUNDLED_SETS:
-        if split is not None and split not in SPLITS:
-            raise UserError(f"unknown split '{split}'; the bundled sets have {', '.join(SPLITS)}")
-        records = _records_jsonl(_bundled_path(source))
-        prompts = [r["prompt"] for r in records if split is None or r["split"] == split]
+        prompts = _column(_split_records(_records_jsonl(_bundled_path(source)), split, source), "prompt", source)
+    elif path.is_dir():
+        prompts = _from_dataset(str(path), column, split)  # a local dataset repository, read by `datasets`
+    elif path.exists():
+        records = _file_records(path, source)
+        prompts = _column(_split_records(records, split, source), column, source) if records else []
+    elif "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
+        prompts = _from_dataset(source, column, split)
     else:
-        path = Path(source)
-        if path.is_dir():
-            prompts = _from_dataset(str(path), column, split)  # a local dataset repository, read by `datasets`
-        elif path.exists():
-            suffix = path.suffix.lower()
-            if suffix == ".jsonl":
-                prompts = _column(_records_jsonl(path), column, source)
-            elif suffix == ".csv":
-                prompts = _column(_records_csv(path), column, source)
-            elif suffix == ".parquet":
-                prompts = _column(_records_parquet(path), column, source)
-            else:
-                prompts = _read_text(path).splitlines()
-        elif "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
-            prompts = _from_dataset(source, column, split)
-        else:
-            raise UserError(f"prompt file not found: {source}; give a path, a dataset id (owner/name), "
-                            f"or a bundled set ({', '.join(BUNDLED_SETS)})")
+        raise UserError(f"prompt file not found: {source}; give a path, a dataset id (owner/name), "
+                        f"or a bundled set ({', '.join(BUNDLED_SETS)})")
     prompts = [str(p).strip() for p in prompts if p is not None and str(p).strip()]
     if not prompts:
         raise UserError(f"no prompts in {source}" + (f" (split {split})" if split else "") + "; it is empty")

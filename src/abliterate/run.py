@@ -22,7 +22,7 @@ from abliterate.directions import Directions, measure_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Baseline, evaluate
 from abliterate.judges import get_judge
-from abliterate.prompts import BUNDLED_SETS, format_prompts, load_prompts, prompt_set_hash
+from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
 from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial
 
 RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
@@ -45,22 +45,13 @@ class PromptSets:
 
 def read_prompt_sets(settings: RunSettings) -> PromptSets:
     def split_of(source: str, split: str, limit: int) -> list[str]:
-        if source in BUNDLED_SETS:
-            return load_prompts(source, settings.column, split)[:limit]
-        # A user's single file has no splits: carve train / tune / eval out of it in order, disjoint.
-        prompts = load_prompts(source, settings.column)
-        thirds = [prompts[: len(prompts) * 4 // 10], prompts[len(prompts) * 4 // 10: len(prompts) * 7 // 10],
-                  prompts[len(prompts) * 7 // 10:]]
-        chosen = thirds[("train", "tune", "eval").index(split)][:limit]
-        if not chosen:
-            raise UserError(f"{source} has too few prompts to split into train/tune/eval; give at least 3")
-        return chosen
+        return load_prompts(source, settings.column, split)[:limit]
 
-    return PromptSets(
-        (split_of(settings.harmful, "train", settings.direction_prompts), split_of(settings.harmless, "train", settings.direction_prompts)),
-        (split_of(settings.harmful, "tune", settings.tune_prompts), split_of(settings.harmless, "tune", settings.tune_prompts)),
-        (split_of(settings.harmful, "eval", settings.eval_prompts), split_of(settings.harmless, "eval", settings.eval_prompts)),
-    )
+    return PromptSets(*(
+        (split_of(settings.harmful, split, limit), split_of(settings.harmless, split, limit))
+        for split, limit in (("train", settings.direction_prompts), ("tune", settings.tune_prompts),
+                             ("eval", settings.eval_prompts))
+    ))
 
 
 def _identity(settings: RunSettings) -> dict:
