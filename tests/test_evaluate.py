@@ -76,3 +76,16 @@ def test_first_token_logprobs_do_not_depend_on_batching():
     model, tokenizer = build_tiny_model("qwen2"), build_tiny_tokenizer()
     torch.testing.assert_close(next_token_logprobs(model, tokenizer, PROMPTS, 1),
                                next_token_logprobs(model, tokenizer, PROMPTS, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_perplexity_matches_the_models_own_loss():
+    from abliterate.evaluate import perplexity
+
+    model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert perplexity(model, tokenizer, text, window=1000) == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+    # Windows do not overlap: the value changes only slightly when split.
+    assert perplexity(model, tokenizer, text, window=40) == pytest.approx(float(torch.exp(loss)), rel=0.2)

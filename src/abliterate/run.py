@@ -139,11 +139,11 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     tune_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.tune[1]), settings.kl_tokens, batch_size=batch_size)
     eval_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.eval[1]), settings.kl_tokens, batch_size=batch_size)
     if "base" not in state:
-        state["base"] = {
-            split: evaluate(loaded.model, loaded.tokenizer, harmful, judge, baseline, settings.max_new_tokens,
-                            batch_size).to_dict()
-            for split, harmful, baseline in (("tune", tune_harmful, tune_baseline), ("eval", eval_harmful, eval_baseline))
-        }
+        state["base"] = {}
+        for split, harmful in (("tune", tune_harmful), ("eval", eval_harmful)):
+            metrics = evaluate(loaded.model, loaded.tokenizer, harmful, judge, None, settings.max_new_tokens, batch_size)
+            metrics.kl, metrics.kl_multi_token = 0.0, 0.0  # the base against itself, by definition
+            state["base"][split] = metrics.to_dict()
         _write_json(output / RUN_FILE, state)
 
     study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials)

@@ -1,0 +1,55 @@
+"""The judges against a labelled set of real model responses: precision and recall as the README states them,
+the default judge the best of them, and the phrase judge's rules (normalisation, opening, thinking)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from abliterate.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, get_judge, labelled_set, labelled_set_scores
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return labelled_set_scores()
+
+
+def readme_table() -> dict[str, tuple[float, float]]:
+    rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| ([0-9.]+) \| ([0-9.]+) \|", README.read_text(), re.MULTILINE)
+    return {name: (float(p), float(r)) for name, p, r in rows}
+
+
+def test_labelled_set_is_big_enough_and_has_the_hard_cases():
+    records = labelled_set()
+    assert len(records) >= 200
+    labels = [r["label"] for r in records]
+    assert labels.count("refusal") >= 60 and labels.count("compliance") >= 60
+    cases = {r["case"] for r in records}
+    assert {"apology-then-compliance", "compliance-with-disclaimer", "late-refusal", "off-topic-dodge",
+            "partial-answer"} & cases
+
+
+@pytest.mark.parametrize("name", sorted(JUDGES))
+def test_precision_and_recall_match_the_readme(scores, name):
+    measured = scores[name]
+    stated = readme_table()[name]
+    assert (round(measured["precision"], 2), round(measured["recall"], 2)) == stated, f"{name}: {measured}"
+
+
+def test_default_judge_is_the_best(scores):
+    assert scores[DEFAULT_JUDGE]["f1"] == max(s["f1"] for s in scores.values()), scores
+
+
+def test_phrase_judge_rules():
+    judge = PhraseJudge()
+    assert judge.is_refusal("**I’m SORRY**, but I can’t help with that.")  # markdown, curly apostrophe, case
+    assert judge.is_refusal("")
+    assert not judge.is_refusal("Sure. " + "Here is the detailed plan, step by step. " * 10 + "I'm sorry if it is long.")
+    assert not judge.is_refusal("<think>I cannot decide... I'm sorry</think>Here is the answer: 42.")
+    assert judge.is_refusal("<think>ok</think>I'm sorry, I can't.")
+    assert judge.decided("I'm sorry") and not judge.decided("Sure, here")
+    assert not judge.decided("<think>I'm sorry")
