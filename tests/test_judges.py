@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, get_judge, labelled_set, labelled_set_scores
+from abliterate.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, labelled_set, labelled_set_scores
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

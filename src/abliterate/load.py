@@ -200,7 +200,7 @@ def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: 
         model.requires_grad_(False)
         if source.gguf_file:
             clear_gguf_quantizer(model)  # dense after dequantisation: editable and saveable like any model
-        if _logits_finite(model, tokenizer) or attempt == fallbacks[-1]:
-            break
+        if _logits_finite(model, tokenizer):
+            return LoadedModel(model, tokenizer, adapter_for(model), source, model.dtype)
         del model  # non-finite logits in a reduced dtype: retry in float32
-    return LoadedModel(model, tokenizer, adapter_for(model), source, model.dtype)
+    raise UserError(f"{reference} gives non-finite logits even in {fallbacks[-1]}; its weights may be corrupt")
