@@ -1,6 +1,7 @@
 """Benchmark: refusal evaluation with early decision against full-length generation, same prompts, same run.
 
-    python bench/eval.py [--model tiny] [--prompts 48] [--max-new-tokens 48] [--batch-size 16] [--ablate-layer 15]
+    python bench/eval.py [--model tiny] [--judge classifier] [--prompts 48] [--max-new-tokens 48] [--batch-size 16]
+                         [--ablate-layer 15]
 
 Early decision stops a sequence once the judge's verdict cannot change and drops decided rows from the batch.
 Prints both timings, their ratio, the tokens saved, and checks that every verdict is identical. With
@@ -16,7 +17,7 @@ import time
 from abliterate.ablation import AblationParams, ablate, plan_edits
 from abliterate.directions import measure_directions
 from abliterate.evaluate import measure_refusals
-from abliterate.judges import PhraseJudge
+from abliterate.judges import DEFAULT_JUDGE, get_judge
 from abliterate.load import load_model
 from abliterate.prompts import format_prompts, load_prompts
 
@@ -39,15 +40,16 @@ def compare(label, loaded, prompts, judge, args):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--judge", default=DEFAULT_JUDGE)
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ablate-layer", type=float, default=15)
     args = parser.parse_args()
     loaded = load_model(args.model)
-    judge = PhraseJudge()
+    judge = get_judge(args.judge)
     prompts = format_prompts(loaded.tokenizer, load_prompts("harmful", split="tune")[: args.prompts])
-    print(f"model {args.model} ({loaded.dtype}), {len(prompts)} tune-split harmful prompts, "
+    print(f"model {args.model} ({loaded.dtype}), judge {judge.name}, {len(prompts)} tune-split harmful prompts, "
           f"{args.max_new_tokens} new tokens, batch {args.batch_size}")
     ok = compare("base", loaded, prompts, judge, args)
     if args.ablate_layer is not None:

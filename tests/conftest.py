@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
+import time
 
 import pytest
 import torch
@@ -115,3 +118,28 @@ def tiny_gemma_dir(tmp_path_factory):
     build_tiny_model("gemma3_text", num_hidden_layers=3, hidden_size=48).save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def pty_run(command, answers, timeout=240):
+    """Run `command` in a pseudo-terminal; answer each prompt fragment with the given text."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(command[0], command)
+    output, pending = b"", list(answers)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        if pending and pending[0][0].encode() in output.split(b"\x00")[-1]:
+            fragment, answer = pending.pop(0)
+            output += b"\x00"  # mark what was answered
+            os.write(fd, answer.encode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.replace(b"\x00", b"").decode(errors="replace"), pending

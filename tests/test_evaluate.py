@@ -89,3 +89,27 @@ def test_perplexity_matches_the_models_own_loss():
     assert perplexity(model, tokenizer, text, window=1000) == pytest.approx(float(torch.exp(loss)), rel=1e-4)
     # Windows do not overlap: the value changes only slightly when split.
     assert perplexity(model, tokenizer, text, window=40) == pytest.approx(float(torch.exp(loss)), rel=0.2)
+
+
+def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monkeypatch):
+    from abliterate import evaluate as evaluation
+
+    model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
+    prompts = PROMPTS * 8  # 32 prompts
+    chosen = evaluation.choose_batch_size(model, tokenizer, prompts, max_batch_size=16)
+    assert chosen in (1, 2, 4, 8, 16)
+
+    real_generate = evaluation.generate
+
+    def generate_fitting_four(model, tokenizer, formatted_prompts, max_new_tokens=32, batch_size=16, decided=None):
+        if min(batch_size, len(formatted_prompts)) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size, decided)
+
+    monkeypatch.setattr(evaluation, "generate", generate_fitting_four)
+    assert evaluation.choose_batch_size(model, tokenizer, prompts, max_batch_size=64) <= 4
+    # measure_refusals asked for 32 at once halves until it fits, with the same result as batches of 4
+    judge = PhraseJudge()
+    backed_off = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=32)
+    direct = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=4)
+    assert backed_off.responses == direct.responses

@@ -53,3 +53,15 @@ def test_phrase_judge_rules():
     assert judge.is_refusal("<think>ok</think>I'm sorry, I can't.")
     assert judge.decided("I'm sorry") and not judge.decided("Sure, here")
     assert not judge.decided("<think>I'm sorry")
+
+
+def test_classifier_decides_refusals_early_and_only_from_decisive_phrases():
+    from abliterate.judges import ClassifierJudge
+
+    judge = ClassifierJudge()
+    assert judge.decided("I'm sorry, but I can") and judge.is_refusal("I'm sorry, but I can't help with that.")
+    # An AI disclaimer opens many compliant answers: it decides nothing, the classifier reads on.
+    assert not judge.decided("As an AI language model, I don't have opinions, but")
+    assert not judge.decided("Sure, here is a plan") and not judge.decided("<think>I'm sorry, but")
+    assert judge.decided("Sure, here is a plan. " * 20)  # past the classifier's window: nothing later is read
+    assert not judge.is_refusal("Sure! Here is a short poem about the sea: waves roll in, the tide goes out.")

@@ -4,9 +4,6 @@ path in a pseudo-terminal, settings precedence, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -20,6 +17,7 @@ from abliterate.cli import main
 from abliterate.config import RunSettings, default_toml, load_settings
 from abliterate.errors import UserError
 from abliterate.search import pareto_front, pick_trial
+from conftest import pty_run
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -59,7 +57,7 @@ def test_run_saves_a_measured_model_and_eval_reproduces_its_numbers(tiny_model_d
     held_out = record["metrics"]["abliterated"]["eval"]
     result = invoke(["eval", str(out), "--harmful", str(prompt_dir / "harmful.txt"), "--harmless",
                      str(prompt_dir / "harmless.txt"), "--split", "eval", "--limit", "3", "--max-new-tokens", "4",
-                     "--kl-tokens", "2", "--json"])
+                     "--kl-tokens", "2", "--batch-size", str(record["batch_size"]), "--json"])
     assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout)
     assert (measured["refusals"], measured["total"]) == (held_out["refusals"], 3)
@@ -77,7 +75,7 @@ def test_eval_reproduces_card_numbers_on_the_bundled_splits(tiny_model_dir, tmp_
     assert record["settings"]["direction_prompts"] == 4  # from the environment
     held_out = record["metrics"]["abliterated"]["eval"]
     result = invoke(["eval", str(out), "--split", "eval", "--limit", "5", "--max-new-tokens", "4", "--kl-tokens", "3",
-                     "--dtype", record["dtype"], "--json"])
+                     "--dtype", record["dtype"], "--batch-size", str(record["batch_size"]), "--json"])  # as the card says
     assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout)
     assert measured["base"] == str(tiny_model_dir)
@@ -147,38 +145,15 @@ def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, pr
     assert (out / "abliteration.json").exists()
 
 
-def _pty_run(command, answers, timeout=240):
-    """Run `command` in a pseudo-terminal; answer each prompt fragment with the given text."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execvp(command[0], command)
-    output, pending = b"", list(answers)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        if pending and pending[0][0].encode() in output.split(b"\x00")[-1]:
-            fragment, answer = pending.pop(0)
-            output += b"\x00"  # mark what was answered
-            os.write(fd, answer.encode())
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), output.replace(b"\x00", b"").decode(errors="replace"), pending
-
-
 def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]
-    answers = [("Trial to use", "\r"), ("[s]ave", "m\r"), ("How many more", "2\r"), ("Trial to use", "\r"), ("[s]ave", "s\r")]
-    code, output, pending = _pty_run(command, answers)
+    answers = [("Trial to use", "\r"), ("[s]ave", "m\r"), ("How many more", "2\r"),
+               ("Trial to use", "\r"), ("[s]ave", "c\r"), (">>> ", "hello\r"), (">>> ", "exit\r"),
+               ("Trial to use", "\r"), ("[s]ave", "s\r")]
+    code, output, pending = pty_run(command, answers)
     assert code == 0 and not pending, output[-2000:]
-    assert "Pareto front" in output
+    assert "Pareto front" in output and "chatting with the chosen trial" in output
     assert len(_finished(out)) == 5  # 3 asked for + 2 more chosen interactively
     assert (out / "abliteration.json").exists()
 

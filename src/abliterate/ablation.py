@@ -95,11 +95,13 @@ class AblationParams:
     @classmethod
     def from_file(cls, path: str | Path) -> "AblationParams":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise UserError(f"parameters file not found: {path}") from None
         except json.JSONDecodeError as error:
             raise UserError(f"parameters file {path} is not valid JSON ({error})") from None
+        # a run's record (abliteration.json) holds the parameters under "parameters"
+        return cls.from_dict(data["parameters"] if isinstance(data, dict) and "parameters" in data else data)
 
 
 def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tensor:

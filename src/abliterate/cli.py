@@ -95,6 +95,37 @@ def _read_prompt_sets(harmful, harmless, column, split, default_split="train"):
     return one(harmful), one(harmless)
 
 
+def ablation_options(function):
+    """Which ablation: one direction everywhere (--layer/--weight/--components/--norm-preserving) or --params."""
+    decorators = [
+        click.option("--layer", type=float, default=None,
+                     help="Take the direction at this (fractional) layer and ablate it everywhere."),
+        click.option("--weight", type=float, default=1.0, show_default=True, help="Ablation strength with --layer."),
+        click.option("--params", "params_file", default=None,
+                     help="A full parameter set (JSON: a run's abliteration.json or its 'parameters') instead of --layer."),
+        click.option("--components", default="attn,mlp", show_default=True, help="With --layer: which components to edit."),
+        click.option("--norm-preserving", is_flag=True, help="With --layer: keep each input feature's write vector length."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _ablation_params(layer, weight, params_file, components, norm_preserving):
+    from abliterate.ablation import AblationParams
+    from abliterate.arch import COMPONENT_KINDS
+
+    if (layer is None) == (params_file is None):
+        raise UserError("give exactly one of --layer L (one direction everywhere) or --params FILE.json")
+    if params_file:
+        return AblationParams.from_file(params_file)
+    kinds = tuple(k.strip() for k in components.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in COMPONENT_KINDS]
+    if unknown or not kinds:
+        raise UserError(f"--components takes a comma list of {', '.join(COMPONENT_KINDS)}; got '{components}'")
+    return AblationParams.single_direction(layer, weight, kinds, norm_preserving)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="abliterate")
 def main():
@@ -144,31 +175,17 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
 @main.command()
 @functools.partial(model_options, default_dtype="checkpoint")
 @click.option("--directions", "directions_file", required=True, help="Directions file (.safetensors, or .pt of other tools).")
-@click.option("--layer", type=float, default=None, help="Take the direction at this (fractional) layer and ablate it everywhere.")
-@click.option("--weight", type=float, default=1.0, show_default=True, help="Ablation strength with --layer.")
-@click.option("--params", "params_file", default=None, help="A full parameter set (JSON) instead of --layer/--weight.")
-@click.option("--components", default="attn,mlp", show_default=True, help="With --layer: which components to edit.")
-@click.option("--norm-preserving", is_flag=True, help="With --layer: keep each input feature's write vector length.")
+@ablation_options
 @click.option("-o", "--output", "output", required=True, help="Output directory (a complete HF model).")
 def apply(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
           norm_preserving, output):
     """Bake an ablation into the weights and save a complete HF model."""
-    from abliterate.ablation import AblationParams, bake, plan_edits
-    from abliterate.arch import COMPONENT_KINDS
+    from abliterate.ablation import bake, plan_edits
     from abliterate.directions import Directions
     from abliterate.export import check_output_dir, save_hf
 
-    if (layer is None) == (params_file is None):
-        raise UserError("give exactly one of --layer L (one direction everywhere) or --params FILE.json")
     check_output_dir(output)
-    if params_file:
-        params = AblationParams.from_file(params_file)
-    else:
-        kinds = tuple(k.strip() for k in components.split(",") if k.strip())
-        unknown = [k for k in kinds if k not in COMPONENT_KINDS]
-        if unknown or not kinds:
-            raise UserError(f"--components takes a comma list of {', '.join(COMPONENT_KINDS)}; got '{components}'")
-        params = AblationParams.single_direction(layer, weight, kinds, norm_preserving)
+    params = _ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
     refusal = refusal.fitted_to(loaded.adapter)
@@ -245,14 +262,15 @@ def run_command(model, output, config_file, print_config, **flags):
 @click.option("--judge", "judge_name", default="classifier", show_default=True, help="Refusal judge: classifier, phrase, embedding.")
 @click.option("--system-prompt", default=None, help="System prompt ('' for none).")
 @click.option("--perplexity", "perplexity_file", default=None, help="Also report perplexity on this UTF-8 text file.")
-@click.option("--batch-size", type=int, default=0, show_default=True, help="0: automatic (16 on CPU, 64 on GPU, halved on OOM).")
+@click.option("--batch-size", type=int, default=0, show_default=True,
+              help="0: automatic (the fastest that fits, measured; halved on out-of-memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def eval_command(model, revision, dtype, device_map, trust_remote_code, base, harmful, harmless, column, split, limit,
                  max_new_tokens, kl_tokens, judge_name, system_prompt, perplexity_file, batch_size, as_json):
     """Measure refusals (held-out split by default) and KL against the base model."""
     import json as json_module
 
-    from abliterate.evaluate import Baseline, check_same_vocabulary, evaluate, perplexity
+    from abliterate.evaluate import Baseline, check_same_vocabulary, choose_batch_size, evaluate, perplexity
     from abliterate.judges import get_judge
     from abliterate.prompts import format_prompts
 
@@ -265,7 +283,10 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     text = _read_utf8(perplexity_file) if perplexity_file else None
     base = base or _recorded_base(model)
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
-    batch_size = batch_size or (16 if loaded.device.type == "cpu" else 64)
+    formatted_harmful = format_prompts(loaded.tokenizer, harmful_prompts, system_prompt)
+    if not batch_size:
+        with _status("choosing the batch size"):
+            batch_size = choose_batch_size(loaded.model, loaded.tokenizer, formatted_harmful)
     baseline = None
     if base:
         base_loaded = loaded if base == model else _load(base, None, dtype, device_map, trust_remote_code)
@@ -276,12 +297,12 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
                                         kl_tokens, batch_size=batch_size)
         del base_loaded
     with _status(f"generating {len(harmful_prompts)} responses"):
-        metrics = evaluate(loaded.model, loaded.tokenizer, format_prompts(loaded.tokenizer, harmful_prompts, system_prompt),
-                           judge, baseline, max_new_tokens, batch_size)
+        metrics = evaluate(loaded.model, loaded.tokenizer, formatted_harmful, judge, baseline, max_new_tokens, batch_size)
     from abliterate.prompts import BUNDLED_SETS
 
     default_label = "eval" if harmful in BUNDLED_SETS else "all prompts"
-    metrics.extra.update(model=model, base=base, split=split or default_label, max_new_tokens=max_new_tokens)
+    metrics.extra.update(model=model, base=base, split=split or default_label, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
     if text is not None:
         metrics.extra["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text)
     if as_json:
@@ -352,5 +373,54 @@ def judges(as_json):
     Console().print(table)
 
 
-if __name__ == "__main__":
+
+
+# --- chat ---
+
+
+@main.command()
+@model_options
+@click.option("--directions", "directions_file", default=None,
+              help="Ablate at inference time (nothing saved): this directions file, with --layer or --params.")
+@ablation_options
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
+         norm_preserving, system_prompt, max_new_tokens, temperature):
+    """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
+    from abliterate.chat import Conversation, chat_loop, read_terminal_line, write_terminal
+
+    if max_new_tokens <= 0 or temperature < 0:
+        raise UserError("--max-new-tokens must be positive and --temperature not negative")
+    ablation_asked = layer is not None or params_file is not None
+    if ablation_asked and not directions_file:
+        raise UserError("--layer/--params ablate at inference time and need --directions FILE")
+    params = _ablation_params(layer, weight, params_file, components, norm_preserving) if directions_file else None
+    refusal = _read_directions(directions_file) if directions_file else None
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    with _inference_ablation(loaded, refusal, params):
+        chat_loop(loaded.model, loaded.tokenizer, read_terminal_line, write_terminal, Conversation(system_prompt),
+                  max_new_tokens, temperature)
+
+
+def _read_directions(path):
+    from abliterate.directions import Directions
+
+    return Directions.load(path)
+
+
+def _inference_ablation(loaded, refusal, params):
+    """The ablation as reversible hooks on the loaded model (a no-op context without one)."""
+    import contextlib
+
+    from abliterate.ablation import ablate, plan_edits
+
+    if refusal is None:
+        return contextlib.nullcontext()
+    edits = plan_edits(loaded.adapter, refusal.fitted_to(loaded.adapter).directions, params)
+    return ablate(edits, params.norm_preserving)
+
+
+if __name__ == "__main__":  # keep last: every command above is registered by then
     main()

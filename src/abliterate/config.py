@@ -80,7 +80,8 @@ class RunSettings(BaseSettings):
     max_kl: float = Field(1.0, gt=0, description="Trials whose KL exceeds this are cut short (no generation).")
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
-    batch_size: int = Field(0, ge=0, description="0: automatic.")
+    batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")
+    max_batch_size: int = Field(64, gt=0, description="Upper bound of the automatic batch size.")
     space: SearchSpace = Field(default_factory=SearchSpace, description="Search space (a [space] table).")
 
     _toml_file: Path | None = None

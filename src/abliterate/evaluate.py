@@ -18,6 +18,7 @@ batch (their KV cache is dropped), and the batch stops when all are decided.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,13 @@ def _batches(items: list, batch_size: int):
 
 
 def _encode(tokenizer, texts: list[str], device) -> dict:
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return {name: tensor.to(device) for name, tensor in _tokenised(tokenizer, tuple(texts)).items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _tokenised(tokenizer, texts: tuple[str, ...]):
+    """Tokenised batches, kept: a search encodes the same prompt batches in every trial."""
+    return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,35 @@ def with_batch_backoff(function, items: list, batch_size: int):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             batch_size //= 2
+
+
+def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_size: int = 64, steps: int = 4) -> int:
+    """The fastest batch size that fits: time a short greedy generation (prefill + `steps` tokens) of the longest
+    prompts at 1, 2, 4, ... and keep doubling while seconds per prompt drop by more than 5% and memory holds."""
+    import time
+
+    longest = sorted(formatted_prompts, key=len, reverse=True)
+    best_size, best_cost, size = 1, float("inf"), 1
+    limit = max(1, min(max_batch_size, len(formatted_prompts)))
+    generate(model, tokenizer, longest[:1], 1, 1)  # warm-up: first calls pay for allocation and kernel selection
+    while size <= limit:
+        try:
+            start = time.perf_counter()
+            generate(model, tokenizer, longest[:size], steps, size)
+            cost = (time.perf_counter() - start) / size
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not _is_oom(error):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        if cost > best_cost * 0.95:
+            break
+        best_size, best_cost = size, cost
+        if size == limit:
+            break
+        size = min(size * 2, limit)
+    return best_size
 
 
 @dataclass

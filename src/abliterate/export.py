@@ -102,7 +102,8 @@ tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
 
 Reproduce the held-out numbers: `abliterate eval PATH --base {record['base_model']} --split eval \
 --limit {record['settings']['eval_prompts']} --max-new-tokens {record['settings']['max_new_tokens']} \
---kl-tokens {record['settings']['kl_tokens']} --judge {record['judge']} --dtype {record['dtype']}`.
+--kl-tokens {record['settings']['kl_tokens']} --judge {record['judge']} --dtype {record['dtype']} \
+--batch-size {record.get('batch_size', 16)}` (the same batches: in low precision, padding changes the last bits).
 
 ## Parameters
 

@@ -86,12 +86,19 @@ class RunDisplay(Hooks):
         numbers = {t.number: t for t in pareto_front(study)}
         number = click.prompt("Trial to use (* is recommended)", default=recommended.number, type=click.Choice(
             [str(n) for n in numbers]), show_choices=False, value_proc=int, err=True)
-        action = click.prompt("[s]ave, [m]ore trials, [q]uit", default="s", type=click.Choice(["s", "m", "q"]), err=True)
+        action = click.prompt("[s]ave, [c]hat with it, [m]ore trials, [q]uit", default="s",
+                              type=click.Choice(["s", "c", "m", "q"]), err=True)
         if action == "m":
             more = click.prompt("How many more trials", default=10, type=click.IntRange(1), err=True)
             self.progress.start()
             return numbers[number], ("more", more)
-        return numbers[number], "save" if action == "s" else "quit"
+        return numbers[number], {"s": "save", "c": "chat", "q": "quit"}[action]
+
+    def chat(self, model, tokenizer) -> None:
+        from abliterate.chat import chat_loop, read_terminal_line, write_terminal
+
+        self.console.print("[dim]chatting with the chosen trial's model (ablation applied in memory); exit returns here[/dim]")
+        chat_loop(model, tokenizer, read_terminal_line, write_terminal, max_new_tokens=256)
 
     def summary(self, result) -> None:
         total = result.base["tune"]["total"]

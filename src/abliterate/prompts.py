@@ -192,3 +192,21 @@ def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = DE
             text = text.rstrip() + "\n\n" + THINK_CLOSE + "\n\n"
         formatted.append(text)
     return formatted
+
+
+def format_conversation(tokenizer, messages: list[dict], **template_kwargs) -> str:
+    """Render a whole conversation (system?, user, assistant, ..., user) ready for the next answer. Templates that
+    reject a system role get the system prompt at the head of the first user turn; no template: the plain format."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        lines = [f"System: {system[0]}"] if system and system[0] else []
+        lines += [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns]
+        return "\n".join(lines) + "\nAssistant:"
+    try:
+        return _template_renders(tokenizer, messages, **template_kwargs)
+    except Exception:  # jinja's TemplateError: this template has no system role
+        if not system or not turns:
+            raise
+        merged = [{"role": turns[0]["role"], "content": f"{system[0]}\n\n{turns[0]['content']}"}] + turns[1:]
+        return _template_renders(tokenizer, merged, **template_kwargs)

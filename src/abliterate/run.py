@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate import __version__
-from abliterate.ablation import AblationParams, bake, plan_edits
+from abliterate.ablation import AblationParams, ablate, bake, plan_edits
 from abliterate.config import RunSettings
 from abliterate.directions import Directions, measure_directions
 from abliterate.errors import UserError
-from abliterate.evaluate import Baseline, evaluate
+from abliterate.evaluate import Baseline, choose_batch_size, evaluate
 from abliterate.judges import get_judge
 from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
 from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial
@@ -109,6 +109,8 @@ class Hooks:
     def choose(self, study, total: int):  # -> (trial, action) or None for the settings' pick rule
         return None
 
+    def chat(self, model, tokenizer) -> None: ...
+
 
 def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunResult:
     from abliterate.load import load_model
@@ -120,11 +122,20 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
 
     hooks.status(f"loading {settings.model}")
     loaded = load_model(settings.model, settings.dtype, settings.device_map, settings.revision, settings.trust_remote_code)
-    batch_size = settings.batch_size or (16 if loaded.device.type == "cpu" else 64)
     system_prompt = settings.system_prompt
 
     def fmt(items):
         return format_prompts(loaded.tokenizer, items, system_prompt)
+
+    if settings.batch_size:
+        batch_size = settings.batch_size
+    elif "batch_size" in state:
+        batch_size = state["batch_size"]  # a resumed run keeps the batches its trials were measured with
+    else:
+        hooks.status("choosing the batch size (the fastest that fits)")
+        batch_size = choose_batch_size(loaded.model, loaded.tokenizer, fmt(prompts.tune[0]), settings.max_batch_size)
+        state["batch_size"] = batch_size
+        _write_json(output / RUN_FILE, state)
 
     directions_path = output / DIRECTIONS_FILE
     if directions_path.is_file():
@@ -176,6 +187,11 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         chosen, action = choice
         if action == "save":
             break
+        if action == "chat":  # talk to the trial's model: the ablation as hooks, removed afterwards
+            params = AblationParams.from_dict(chosen.user_attrs["params"])
+            with ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving):
+                hooks.chat(loaded.model, loaded.tokenizer)
+            continue
         if isinstance(action, tuple) and action[0] == "more":
             search(len(finished_trials(study)) + action[1])
             continue
@@ -200,6 +216,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         "prompt_sets_sha256": prompts.hashes(),
         "judge": judge.name,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "batch_size": batch_size,
         "metrics": {"base": state["base"], "abliterated": abliterated},
         "trials_finished": len(finished_trials(study)),
     }
