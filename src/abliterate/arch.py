@@ -32,6 +32,9 @@ class Family:
     attention_post_norm: str | None = None  # norm between attention output and residual add
     mlp_post_norm: str | None = None
     post_norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+    # Layer j's input depends only on layer j-1's output (no other state passed between layers), so trials may
+    # start from the base model's stream at their first edited layer (prefix.py). False: always the full forward.
+    prefix_reuse: bool = True
 
 
 FAMILIES: tuple[Family, ...] = (

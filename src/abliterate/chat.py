@@ -8,6 +8,7 @@ can drive it.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -43,11 +44,23 @@ class Conversation:
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 512, temperature: float = 0.0,
                  top_p: float = 1.0) -> Iterator[str]:
     """The model's answer to `messages`, as text chunks while it is generated (temperature 0: greedy)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    yield from stream_completion(model, tokenizer, format_conversation(tokenizer, messages), max_new_tokens, temperature,
+                                 top_p)
 
-    prompt = format_conversation(tokenizer, messages)
+
+def stream_completion(model, tokenizer, prompt: str, max_new_tokens: int = 512, temperature: float = 0.0,
+                      top_p: float = 1.0, cancel: threading.Event | None = None, stats: dict | None = None) -> Iterator[str]:
+    """The continuation of an already formatted `prompt`, as text chunks, one per token that completes a character.
+
+    Generation ends at EOS, at `max_new_tokens`, when the caller closes the generator, or when `cancel` is set (from
+    any thread). `stats`, if given, gets `prompt_tokens` and `completion_tokens` (kept current while generating)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=prompt_length, completion_tokens=0)
+    streamer = _token_streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -56,7 +69,9 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 5
 
     class StopWhenAsked(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            stats["completion_tokens"] = input_ids.shape[1] - prompt_length
+            asked = stop.is_set() or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), asked, dtype=torch.bool, device=input_ids.device)
 
     def work():
         try:
@@ -78,6 +93,34 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 5
         worker.join()
     if failure:
         raise failure[0]
+
+
+@functools.cache
+def _token_streamer_class():
+    from transformers import TextIteratorStreamer
+
+    class TokenStreamer(TextIteratorStreamer):
+        """Text as soon as a token completes a character (transformers' own streamer waits for a space), so a
+        server streams token by token; only an incomplete UTF-8 sequence waits for its next token."""
+
+        def put(self, value):
+            if value.dim() > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):
+                return
+            printable = text[self.print_len:]
+            self.print_len = max(self.print_len, len(text))
+            if text.endswith("\n"):
+                self.token_cache, self.print_len = [], 0
+            if printable:
+                self.on_finalized_text(printable)
+
+    return TokenStreamer
 
 
 def split_thoughts(chunks: Iterable[str]) -> Iterator[tuple[str, str]]:

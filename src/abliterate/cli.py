@@ -184,7 +184,16 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     from abliterate.directions import Directions
     from abliterate.export import check_output_dir, save_hf
 
-    check_output_dir(output)
+    gguf_out = output.lower().endswith(".gguf")
+    if gguf_out:
+        if not model.lower().endswith(".gguf"):
+            raise UserError("-o FILE.gguf needs a .gguf MODEL (GGUF in, GGUF out); "
+                            "for an HF model, apply to a directory and use `abliterate export gguf`")
+        if Path(output).exists():
+            raise UserError(f"output {output} already exists; choose another -o or remove it")
+        dtype = "float32" if dtype == "checkpoint" else dtype  # edit the dequantised weights at full precision
+    else:
+        check_output_dir(output)
     params = _ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
@@ -192,6 +201,17 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     edits = plan_edits(loaded.adapter, refusal.directions, params)
     with _status("editing weights"):
         bake(edits, params.norm_preserving)
+    if gguf_out:
+        from abliterate.gguf_edit import edited_parameters, write_edited_gguf
+
+        with _status(f"writing {output}"):
+            report = write_edited_gguf(Path(loaded.source.path) / loaded.source.gguf_file, output, loaded.model,
+                                       edited_parameters(edits))
+        retyped = sorted({f"{a}→{b}" for a, b in report.retyped.values()})
+        click.echo(f"wrote {output}: {report.tensors_edited} tensors re-encoded, every other tensor and all metadata "
+                   f"copied" + (f"; re-encoded as the nearest type the gguf library writes: {', '.join(retyped)}"
+                                if retyped else ""))
+        return
     record = {
         "base_model": loaded.source.reference,
         "revision": loaded.source.revision,
@@ -225,27 +245,35 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
 @click.option("--device-map", default=None, help="Passed to transformers/accelerate.")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repository's own code.")
+@click.option("--name", default=None, help="Name of the result: output ./abliterate-NAME, NAME-QUANT.gguf, Ollama model NAME.")
+@click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
+@click.option("--quant", default=None, help="GGUF quantisation for --export (default q4_k_m).")
 @click.option("--print-config", is_flag=True, help="Print every setting with its default (config.default.toml) and exit.")
-def run_command(model, output, config_file, print_config, **flags):
+def run_command(model, output, config_file, print_config, export_targets, **flags):
     """Search for the best ablation of MODEL (default: the bundled tiny model) and save it, measured."""
     from abliterate.config import default_toml, load_settings
-    from abliterate.run import run
+    from abliterate.run import check_exports, run, ship
     from abliterate.search import check_pick_rule
 
     if print_config:
         click.echo(default_toml(), nl=False)
         return
     flags["trust_remote_code"] = flags["trust_remote_code"] or None  # unset unless given: env/TOML may set it
+    if export_targets is not None:
+        flags["export"] = [target.strip() for target in export_targets.split(",") if target.strip()]
     settings = load_settings(config_file, model=model, **flags)
     check_pick_rule(settings.pick)
+    check_exports(settings)
     if output is None:
-        output = f"abliterate-{Path(settings.model.rstrip('/')).name.removesuffix('.gguf') or 'model'}"
+        output = f"abliterate-{settings.name or Path(settings.model.rstrip('/')).name.removesuffix('.gguf') or 'model'}"
     from abliterate.progress import RunDisplay
 
     display = RunDisplay(interactive=sys.stdin.isatty() and sys.stdout.isatty() and flags.get("pick") is None)
     with display:
         result = run(settings, Path(output), display)
     display.summary(result)
+    for kind, path in ship(Path(output), settings, display).items():
+        click.echo(f"{kind}: {path}")
 
 
 @main.command(name="eval")
@@ -420,6 +448,299 @@ def _inference_ablation(loaded, refusal, params):
         return contextlib.nullcontext()
     edits = plan_edits(loaded.adapter, refusal.fitted_to(loaded.adapter).directions, params)
     return ablate(edits, params.norm_preserving)
+
+
+# --- models (catalog, estimate) ---
+
+
+@main.group(cls=_Group, invoke_without_command=True)
+@click.option("--memory", default=None, help="System RAM (or Apple unified memory), e.g. 16GB; binary units, 75% counted usable.")
+@click.option("--vram", default=None, help="GPU memory, e.g. 8GB.")
+@click.option("--use", type=click.Choice(["coding", "reasoning", "chat"]), default=None, help="Only models suited to this.")
+@click.option("--context", type=int, default=None, help="Tokens of KV cache to budget for (default 8192).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.pass_context
+def models(ctx, memory, vram, use, context, as_json):
+    """Recommended abliterated models by hardware tier, filtered by what fits in --memory / --vram."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json as json_module
+
+    from abliterate.catalog import parse_memory, select
+
+    result = select(memory=parse_memory(memory) if memory else None, vram=parse_memory(vram) if vram else None,
+                    use=use, context=context)
+    if as_json:
+        click.echo(json_module.dumps(result))
+        return
+    _print_catalog(result, memory, vram)
+
+
+def _print_catalog(result: dict, memory: str | None, vram: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from abliterate.catalog import format_bytes, format_count
+
+    where = ", ".join(part for part in (memory and f"{memory} RAM", vram and f"{vram} VRAM") if part)
+    title = f"models that fit {where}" if where else "model catalog (give --memory/--vram to filter)"
+    table = Table(title=f"{title}, {result['context']}-token context" + (f", for {result['use']}" if result["use"] else ""))
+    for column in ("tier", "model", "hub id", "params", "ctx", "reasoning", "licence", "quant", "needs", "runs on"):
+        table.add_column(column, justify="right" if column in ("params", "ctx", "needs") else "left")
+    for row in result["models"]:
+        name = row["key"] + (" *" if row["default"] else "")
+        if row["superseded_by"]:
+            name += f" (superseded → {row['superseded_by']})"
+        fit = row["fit"]
+        table.add_row(row["tier"], name, row["id"], format_count(row["parameters"]), f"{row['context'] // 1024}K",
+                      "yes" if row["reasoning"] else "no",
+                      row["licence"] + ("" if row["commercial_use"] else " (non-commercial)"),
+                      fit["quant"], format_bytes(fit["needs_bytes"]), fit["placement"] or "-")
+    console = Console()
+    if not result["models"]:
+        console.print(f"no catalog model fits {where}; the smallest need about 6 GiB (see `abliterate models`)")
+        return
+    console.print(table)
+    console.print("* default pick of its tier; needs = weights in that quant + f16 KV cache + overhead; "
+                  f"{result['usable_ram_fraction']:.0%} of --memory counted usable")
+    if all(row["commercial_use"] for row in result["models"]):
+        console.print("all allow commercial use under their licence's terms; --json: terms, sizes per quant, sources")
+    if result["pick"]:
+        console.print(f"pick: {result['pick']}")
+
+
+@models.command(name="estimate")
+@click.argument("model")
+@click.option("--dtype", default=None, help="Weights dtype: float32, bfloat16, float16 (default: as stored).")
+@click.option("--quant", default=None, help="GGUF quant instead: Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0, MXFP4, F16, BF16.")
+@click.option("--context", type=int, default=None, help="Tokens of KV cache (default: 8192 or the model's maximum if smaller).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded at once (KV cache per sequence).")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def models_estimate(model, dtype, quant, context, batch, revision, as_json):
+    """Memory for MODEL's weights and KV cache, VRAM and system RAM apart, from its config.
+
+    MODEL: a local HF directory, a .gguf file (its real tensor bytes), a catalog name or id, 'tiny', or a hub id
+    (config.json is downloaded; nothing else)."""
+    import json as json_module
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from abliterate.catalog import estimate, format_bytes, format_count, read_model_config
+
+    source = read_model_config(model, revision)
+    result = estimate(source.config, dtype=dtype, quant=quant, context=context, batch=batch,
+                      stored_weights_bytes=source.weights_bytes, stored_parameters=source.parameters)
+    result = {"model": model, "source": source.source, **result}
+    if as_json:
+        click.echo(json_module.dumps(result))
+        return
+    fmt = result["format"]
+    if fmt == "as stored" and source.config.get("gguf_file_type"):
+        fmt = f"{source.config['gguf_file_type']} (as stored)"
+    table = Table(title=f"{model}: {result['model_type']}, {format_count(result['parameters'])} parameters, {fmt} "
+                        f"({result['bits_per_weight']:.2f} bits/weight), {result['context']} tokens x {batch}")
+    table.add_column("")
+    for column in ("on GPU: VRAM", "on GPU: system RAM", "CPU only: system RAM"):
+        table.add_column(column, justify="right")
+    weights, kv, overhead = result["weights_bytes"], result["kv_cache_bytes"], result["overhead_bytes"]
+    table.add_row("weights", format_bytes(weights), "-", format_bytes(weights))
+    table.add_row(f"KV cache ({'fp32' if result['kv_bytes_per_element'] == 4 else 'f16'})", format_bytes(kv), "-", format_bytes(kv))
+    table.add_row("overhead", format_bytes(overhead), format_bytes(result["gpu"]["ram_bytes"]), format_bytes(overhead))
+    table.add_row("total", format_bytes(result["gpu"]["vram_bytes"]), format_bytes(result["gpu"]["ram_bytes"]),
+                  format_bytes(result["cpu"]["ram_bytes"]))
+    Console().print(table)
+    click.echo(f"config: {source.source}")
+
+
+# --- push ---
+
+
+@main.command()
+@click.argument("out_dir")
+@click.option("--repo", "repo_id", required=True, help="Hub repository to create or update: user/name.")
+@click.option("--private", is_flag=True, help="Create the repository private (refused if it exists and is public).")
+@click.option("--dry-run", is_flag=True, help="Print the files the commit would hold and stop (no token, no network).")
+def push(out_dir, repo_id, private, dry_run):
+    """Publish OUT_DIR (a saved model) to the Hugging Face Hub in one commit: weights, card, record, reproduce/.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere."""
+    from abliterate import publish
+
+    publish.check_repo_id(repo_id)
+    if dry_run:
+        uploads = publish.plan_upload(out_dir, repo_id)
+        click.echo(f"would {'create (private) or update' if private else 'create or update'} "
+                   f"https://huggingface.co/{repo_id} with one commit of {len(uploads)} files "
+                   f"({_megabytes(sum(u.size() for u in uploads))}):")
+        for upload in uploads:
+            origin = "generated" if isinstance(upload.source, bytes) else str(upload.source)
+            click.echo(f"  {upload.path_in_repo:<40} {_megabytes(upload.size()):>9}  {origin}")
+        return
+    url, uploads = publish.push(out_dir, repo_id, private=private, status=lambda line: click.echo(line, err=True))
+    click.echo(f"pushed {len(uploads)} files ({_megabytes(sum(u.size() for u in uploads))}) to {url}")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+# --- export ollama ---
+
+
+@main.group(cls=_Group)
+def export():
+    """Export a model for other runtimes."""
+
+
+@export.command(name="ollama")
+@click.argument("model_or_gguf")
+@click.option("--name", required=True, help="Ollama model name: lowercase letters, digits, - _ . (e.g. qwen-abliterated, me/qwen:0.5b).")
+@click.option("--template", "template_file", default=None,
+              help="Prompt template instead of the model's own: an Ollama Go template (used as is) or a Jinja chat template "
+                   "(.jinja, translated).")
+@click.option("--system", default=None, help="Default system prompt (Modelfile SYSTEM), used when a request has none.")
+@click.option("-o", "--output", "out_dir", default=None, help="Directory for the Modelfile (default: beside the GGUF).")
+@click.option("--no-create", is_flag=True, help="Only write the Modelfile and print the `ollama create` command.")
+def export_ollama_command(model_or_gguf, name, template_file, system, out_dir, no_create):
+    """Write an Ollama Modelfile for MODEL_OR_GGUF (a .gguf) and import it with `ollama create` when ollama is on PATH."""
+    from abliterate.ollama import export_ollama
+
+    result = export_ollama(model_or_gguf, name, template_file=template_file, system=system, out_dir=out_dir,
+                           create=not no_create)
+    for warning in result.template.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    template = result.template
+    described = (f"{template.family} template" + (" with tools" if template.tools else "")) if template.template else "no TEMPLATE"
+    stops = " ".join(template.stops) or "none"
+    click.echo(f"wrote {result.modelfile}: {described}, stop words {stops}" + (", SYSTEM" if system is not None else ""))
+    if result.created:
+        click.echo(f"created Ollama model {name}; chat with it: ollama run {name}")
+    else:
+        click.echo(f"import it into Ollama with: {result.command_line}")
+
+
+# --- export gguf ---
+
+
+@export.command(name="gguf")
+@click.argument("model_dir")
+@click.option("-o", "--output", default=None, help="GGUF file to write (default: MODEL_DIR/../<name>-<quant>.gguf).")
+@click.option("--quant", default="q4_k_m", show_default=True,
+              help="f32, f16, bf16, q8_0 (written by the converter) or q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, "
+                   "q4_k_m, q5_k_s, q5_k_m, q6_k (llama.cpp's quantiser).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Load the file in llama.cpp and compare its greedy continuations with the HF model's.")
+@click.option("--verify-prompts", type=int, default=8, show_default=True, help="Bundled eval-split prompts to compare on.")
+@click.option("--verify-tokens", type=int, default=16, show_default=True)
+def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify_tokens):
+    """Convert a saved HF model (e.g. an `abliterate run` output) to GGUF, quantise it, and check it in llama.cpp."""
+    from abliterate.gguf_export import check_quant, convert
+
+    quant = check_quant(quant)
+    source = Path(model_dir)
+    if not source.is_dir():
+        raise UserError(f"{model_dir} is not a directory; give a saved HF model directory (config.json + safetensors)")
+    output = Path(output) if output else source.parent / f"{source.resolve().name}-{quant}.gguf"
+    with _status(f"converting {source} to {output.name}"):
+        convert(source, output, quant)
+    click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.0f} MiB, {quant})")
+    if verify:
+        _verify_gguf(source, output, quant, verify_prompts, verify_tokens)
+
+
+def _verify_gguf(hf_dir: Path, gguf_file: Path, quant: str, n_prompts: int, n_tokens: int) -> None:
+    from abliterate.evaluate import generate
+    from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
+    from abliterate.load import load_model
+    from abliterate.prompts import format_prompts, load_prompts
+
+    with _status("checking the GGUF in llama.cpp against the HF model"):
+        loaded = load_model(str(hf_dir), dtype="float32")
+        prompts = format_prompts(loaded.tokenizer, load_prompts("harmless", split="eval")[: n_prompts // 2]
+                                 + load_prompts("harmful", split="eval")[: n_prompts - n_prompts // 2])
+        hf_tokens = generate(loaded.model, loaded.tokenizer, prompts, n_tokens, batch_size=1).tokens
+        prompt_ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        del loaded
+        agreement = compare_greedy(hf_tokens, llama_cpp_greedy(gguf_file, prompt_ids, n_tokens))
+    click.echo(f"llama.cpp: first greedy token agrees on {agreement.first_token_matches}/{agreement.prompts} prompts, "
+               f"{agreement.token_rate:.0%} of {agreement.tokens_compared} greedy tokens agree with transformers (float32)")
+    if quant in ("f32", "f16", "bf16") and agreement.first_token_matches < agreement.prompts:
+        raise UserError(f"llama.cpp's first tokens differ from the HF model's on {quant} weights: the export is wrong")
+
+
+# --- serve ---
+
+
+@main.command()
+@model_options
+@click.option("--directions", "directions_file", default=None,
+              help="Ablate at inference time (nothing saved): this directions file, with --layer or --params.")
+@ablation_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. 0.0.0.0 opens the model to your network: give --api-key then.")
+@click.option("--port", type=int, default=11435, show_default=True,
+              help="Port (beside Ollama's 11434, clear of llama.cpp's 8080 and vLLM's 8000, so they can run together).")
+@click.option("--api-key", envvar="ABLITERATE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every request (or set ABLITERATE_API_KEY).")
+@click.option("--name", default=None, help="Model name in /v1/models and /api/tags (default: MODEL's directory or file name).")
+@click.option("--max-tokens-limit", type=int, default=4096, show_default=True,
+              help="Largest max_tokens (Ollama: num_predict) a request may ask for; also the default.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests that may wait while one generates; beyond that the answer is 503, retry later.")
+def serve(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
+          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue):
+    """Serve MODEL over HTTP: OpenAI-compatible /v1 (chat/completions, completions, models) and Ollama-compatible /api
+    (chat, generate, tags). MODEL: a saved model, a .gguf, or a base model ablated on the fly (--directions with --layer
+    or --params). One generation at a time; other requests wait their turn."""
+    if max_tokens_limit <= 0 or max_queue < 0:
+        raise UserError("--max-tokens-limit must be positive and --max-queue not negative")
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535; got {port}")
+    ablation_asked = layer is not None or params_file is not None
+    if ablation_asked and not directions_file:
+        raise UserError("--layer/--params ablate at inference time and need --directions FILE")
+    params = _ablation_params(layer, weight, params_file, components, norm_preserving) if directions_file else None
+    refusal = _read_directions(directions_file) if directions_file else None
+    listening = _listen(host, port)  # before loading: a port in use is told at once, and no one can take it meanwhile
+    try:
+        if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
+                       "model", err=True)
+        import uvicorn
+
+        from abliterate.serve import create_app
+
+        loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+        name = name or Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+        app = create_app(loaded.model, loaded.tokenizer, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                         max_queue=max_queue)
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {name} on http://{shown}:{port}: OpenAI API at /v1, Ollama API at /api"
+                   + (", API key required" if api_key else "") + "; Ctrl-C stops")
+        with _inference_ablation(loaded, refusal, params):
+            uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[listening])
+    finally:
+        listening.close()
+
+
+def _listen(host: str, port: int):
+    """A listening socket on host:port, or one line saying why not."""
+    import errno
+    import socket
+
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048)
+    except socket.gaierror:
+        raise UserError(f"cannot listen on {host}: no such address here; use 127.0.0.1 (this machine only) or "
+                        "0.0.0.0 (every interface)") from None
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} is in use; choose another with --port") from None
+        if error.errno == errno.EACCES:
+            raise UserError(f"no permission to listen on port {port}; choose one above 1023 with --port") from None
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 if __name__ == "__main__":  # keep last: every command above is registered by then

@@ -82,6 +82,9 @@ class RunSettings(BaseSettings):
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
     batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")
     max_batch_size: int = Field(64, gt=0, description="Upper bound of the automatic batch size.")
+    name: str | None = Field(None, description="Name of the result: output ./abliterate-NAME, GGUF NAME-QUANT.gguf, Ollama model NAME.")
+    export: list[str] = Field(default_factory=list, description="After saving, also export: gguf, ollama (implies gguf).")
+    quant: str = Field("q4_k_m", description="GGUF quantisation for --export (f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...).")
     space: SearchSpace = Field(default_factory=SearchSpace, description="Search space (a [space] table).")
 
     _toml_file: Path | None = None
@@ -137,7 +140,7 @@ def default_toml() -> str:
     for name, field in RunSettings.model_fields.items():
         if name == "space":
             continue
-        value = field.default
+        value = field.get_default(call_default_factory=True)
         lines.append(f"# {field.description}")
         lines.append(f"# {name} = {_toml_value(value)}" if value is None else f"{name} = {_toml_value(value)}")
     lines += ["", "[space]"]

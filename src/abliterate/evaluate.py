@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from abliterate.errors import UserError
+from abliterate.prefix import PrefixCache
 
 
 def _device(model) -> torch.device:
@@ -43,6 +44,15 @@ def _encode(tokenizer, texts: list[str], device) -> dict:
 def _tokenised(tokenizer, texts: tuple[str, ...]):
     """Tokenised batches, kept: a search encodes the same prompt batches in every trial."""
     return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _forward(run, prefix: PrefixCache | None, model, tokenizer, batches: list[tuple], texts: tuple,
+             first_edited_layer: int | None, generation: bool = False):
+    """`run()`, or with a prefix cache the same pass started at the first edited layer (see prefix.py)."""
+    if prefix is None or first_edited_layer is None:
+        return run()
+    tokens = sum(_tokenised(tokenizer, batch)["input_ids"].numel() for batch in batches)  # cached: cheap
+    return prefix.forward(model, texts, first_edited_layer, tokens, run, generation)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,18 +120,23 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             decided=None) -> Generation:
-    """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early."""
+             decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None) -> Generation:
+    """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early. With `prefix`,
+    prefills reuse the base model's states below `first_edited_layer` (no layer below it may be edited)."""
     texts: list[str] = [""] * len(formatted_prompts)
     all_tokens: list[list[int]] = [[] for _ in formatted_prompts]
     generated = 0
     device = _device(model)
     eos_ids = set(_eos_ids(model, tokenizer))
     order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
-    for _, batch_indices in _batches(order, batch_size):
-        inputs = _encode(tokenizer, [formatted_prompts[i] for i in batch_indices], device)
+    index_batches = [indices for _, indices in _batches(order, batch_size)]
+    batches = [tuple(formatted_prompts[i] for i in indices) for indices in index_batches]
+    for batch_indices, batch in zip(index_batches, batches):
+        inputs = _encode(tokenizer, list(batch), device)
         mask = inputs["attention_mask"]
-        output = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        run = functools.partial(model, input_ids=inputs["input_ids"], attention_mask=mask,
+                                position_ids=_positions(mask), use_cache=True)
+        output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True)
         cache = output.past_key_values
         next_tokens = output.logits[:, -1, :].argmax(-1)
         active = list(batch_indices)  # prompt index of each row still running
@@ -168,14 +183,17 @@ def generate_greedy(model, tokenizer, formatted_prompts: list[str], max_new_toke
 
 
 @torch.no_grad()
-def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """[N, vocab] float32 log-probabilities of the first response token."""
+def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_size: int = 16,
+                        first_edited_layer: int | None = None, prefix: PrefixCache | None = None) -> torch.Tensor:
+    """[N, vocab] float32 log-probabilities of the first response token (`prefix`: as in `generate`)."""
     device = _device(model)
     rows = []
-    for _, batch in _batches(formatted_prompts, batch_size):
-        inputs = _encode(tokenizer, batch, device)
+    batches = [tuple(batch) for _, batch in _batches(formatted_prompts, batch_size)]
+    for texts in batches:
+        inputs = _encode(tokenizer, list(texts), device)
         mask = inputs["attention_mask"]
-        logits = model(**inputs, position_ids=_positions(mask), use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        run = functools.partial(model, **inputs, position_ids=_positions(mask), use_cache=False, logits_to_keep=1)
+        logits = _forward(run, prefix, model, tokenizer, batches, texts, first_edited_layer).logits[:, -1, :]
         rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(rows)
 
@@ -213,6 +231,7 @@ class Baseline:
     top_logprobs: torch.Tensor  # [N, T, k] base log-probs of its top-k tokens at each continuation position
     top_ids: torch.Tensor  # [N, T, k]
     vocab_size: int
+    prefix: PrefixCache = field(default_factory=PrefixCache, repr=False, compare=False)  # trials' KL passes
 
     @classmethod
     @torch.no_grad()
@@ -259,8 +278,9 @@ class Baseline:
         length = self.top_ids.shape[1]
         return torch.tensor([[1.0] * len(c) + [0.0] * (length - len(c)) for c in self.continuations])
 
-    def kl(self, model, tokenizer, batch_size: int = 16) -> float:
-        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size)
+    def kl(self, model, tokenizer, batch_size: int = 16, first_edited_layer: int | None = None) -> float:
+        """First-token KL. `first_edited_layer`: layers below it are the base model's, so they are not recomputed."""
+        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size, first_edited_layer, self.prefix)
         return kl_divergence(self.first_token_logprobs, logprobs)
 
     @torch.no_grad()
@@ -288,11 +308,13 @@ class RefusalResult:
 
 
 def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
-                     batch_size: int = 16, early_stop: bool = True) -> RefusalResult:
-    """Generate (deciding early when the judge allows) and judge each response."""
+                     batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
+                     prefix: PrefixCache | None = None) -> RefusalResult:
+    """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`."""
     decided = getattr(judge, "decided", None) if early_stop else None
-    result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided),
-                                formatted_harmful, batch_size)
+    reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
+    result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
+                                                             **reuse), formatted_harmful, batch_size)
     from abliterate.judges import judge_refusals
 
     verdicts = judge_refusals(judge, result.texts)

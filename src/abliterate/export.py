@@ -17,6 +17,49 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out
 
 
+# Per-family keys that readers of config.json other than transformers (mlx_lm) still require under their
+# pre-transformers-5 names.
+_LEGACY_KEYS = {"gpt2": {"n_ctx": "n_positions"},
+                "gpt_neox": {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}}
+
+
+def _with_legacy_keys(config: dict, attribute_map: dict) -> dict:
+    """Also write config values under the flat, pre-transformers-5 names (`rope_theta`, `rope_scaling`,
+    `partial_rotary_factor`, attribute aliases such as `num_experts`): transformers 5 nests rope settings
+    under `rope_parameters`, and mlx_lm and other loaders otherwise fall back to wrong defaults or refuse."""
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
+        local = rope.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            config.setdefault("rope_local_base_freq", local["rope_theta"])
+        rope = rope["full_attention"]
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", rope)
+    for alias, name in attribute_map.items():
+        if name in config:
+            config.setdefault(alias, config[name])
+    for alias, name in _LEGACY_KEYS.get(config.get("model_type"), {}).items():
+        if name in config:
+            config.setdefault(alias, config[name])
+    return config
+
+
+def write_legacy_config_keys(model, model_dir: Path) -> None:
+    """Rewrite `model_dir/config.json` (just written by save_pretrained) with `_with_legacy_keys`, for the
+    top-level config and a vision-language model's `text_config`."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    _with_legacy_keys(config, getattr(model.config, "attribute_map", {}))
+    text_config = getattr(model.config, "text_config", None)
+    if isinstance(config.get("text_config"), dict) and text_config is not None:
+        _with_legacy_keys(config["text_config"], getattr(text_config, "attribute_map", {}))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_hf(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str | dict] | None = None) -> Path:
     """Write model (safetensors), config, tokenizer and chat template, plus `extra_files`; atomic rename."""
     out = check_output_dir(out_dir)
@@ -25,6 +68,7 @@ def save_hf(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str | 
     try:
         clear_gguf_quantizer(model)
         model.save_pretrained(partial, safe_serialization=True)
+        write_legacy_config_keys(model, partial)
         tokenizer.save_pretrained(partial)
         for name, content in (extra_files or {}).items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
@@ -46,6 +90,7 @@ def save_into(model, tokenizer, out_dir: Path, extra_files: dict[str, str], reco
     (out_dir / record_name).unlink(missing_ok=True)
     clear_gguf_quantizer(model)
     model.save_pretrained(staging, safe_serialization=True)
+    write_legacy_config_keys(model, staging)
     tokenizer.save_pretrained(staging)
     for name, text in extra_files.items():
         (staging / name).write_text(text)

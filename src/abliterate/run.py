@@ -79,6 +79,11 @@ def prepare_output(output: Path, settings: RunSettings) -> dict:
     return state
 
 
+def _saved_record(output: Path) -> dict | None:
+    path = output / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _write_json(path: Path, data: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")
@@ -198,6 +203,11 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         raise UserError("stopped without saving; run the same command again to continue")
 
     params = AblationParams.from_dict(chosen.user_attrs["params"])
+    saved = _saved_record(output)
+    if saved and saved.get("trial") == chosen.number and saved.get("trials_finished") == len(finished_trials(study)):
+        hooks.status(f"trial {chosen.number} is already saved in {output}")  # a re-run after the save: nothing to redo
+        return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"], trials_run, study,
+                         saved)
     hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
     bake(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
     abliterated = {
@@ -225,3 +235,49 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
 
     save_into(loaded.model, loaded.tokenizer, output, {"README.md": model_card(record)}, RECORD_FILE, record)
     return RunResult(output, chosen.number, params, state["base"], abliterated, trials_run, study, record)
+
+
+EXPORT_TARGETS = ("gguf", "ollama")
+
+
+def check_exports(settings: RunSettings) -> None:
+    """Bad export settings fail before the search, not after it."""
+    from abliterate.gguf_export import check_quant
+
+    unknown = [target for target in settings.export if target not in EXPORT_TARGETS]
+    if unknown:
+        raise UserError(f"unknown export '{unknown[0]}'; --export takes a comma list of {', '.join(EXPORT_TARGETS)}")
+    if settings.export:
+        check_quant(settings.quant)
+    if "ollama" in settings.export:
+        from abliterate.ollama import check_name
+
+        if not settings.name:
+            raise UserError("--export ollama needs --name NAME (the Ollama model name)")
+        check_name(settings.name)
+
+
+def ship(output: Path, settings: RunSettings, hooks: Hooks | None = None) -> dict[str, Path]:
+    """The saved model → GGUF → Ollama Modelfile (→ `ollama create`), as settings.export asks. Each product is
+    written complete or not at all, so running the same command again makes only what is missing."""
+    hooks = hooks or Hooks()
+    made: dict[str, Path] = {}
+    if not settings.export:
+        return made
+    from abliterate.gguf_export import convert
+
+    name = settings.name or output.resolve().name
+    gguf_file = output / f"{name}-{settings.quant}.gguf"
+    if not gguf_file.exists():
+        hooks.status(f"exporting {gguf_file.name} (llama.cpp's converter and quantiser)")
+        convert(output, gguf_file, settings.quant)
+    made["gguf"] = gguf_file
+    if "ollama" in settings.export:
+        from abliterate.ollama import export_ollama
+
+        hooks.status(f"writing the Ollama Modelfile for {settings.name}")
+        exported = export_ollama(gguf_file, settings.name)
+        made["ollama"] = exported.modelfile
+        hooks.status(f"created Ollama model {settings.name}: ollama run {settings.name}" if exported.created
+                     else f"import it into Ollama with: {exported.command_line}")
+    return made

