@@ -703,15 +703,18 @@ def serve(model, revision, dtype, device_map, trust_remote_code, directions_file
         raise UserError("--layer/--params ablate at inference time and need --directions FILE")
     params = _ablation_params(layer, weight, params_file, components, norm_preserving) if directions_file else None
     refusal = _read_directions(directions_file) if directions_file else None
+    try:
+        import uvicorn
+
+        from abliterate.serve import create_app
+    except ImportError as error:
+        raise UserError(f"abliterate serve needs the serve extra ({error.name} is missing): "
+                        "pip install 'abliterate[serve]'") from None
     listening = _listen(host, port)  # before loading: a port in use is told at once, and no one can take it meanwhile
     try:
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
             click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
                        "model", err=True)
-        import uvicorn
-
-        from abliterate.serve import create_app
-
         loaded = _load(model, revision, dtype, device_map, trust_remote_code)
         name = name or Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
         app = create_app(loaded.model, loaded.tokenizer, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
