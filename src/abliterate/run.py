@@ -209,7 +209,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"], trials_run, study,
                          saved)
     hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
-    bake(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
+    edits = plan_edits(loaded.adapter, directions.directions, params)
+    bake(edits, params.norm_preserving)
     abliterated = {
         split: evaluate(loaded.model, loaded.tokenizer, harmful, judge, baseline, settings.max_new_tokens, batch_size).to_dict()
         for split, harmful, baseline in (("tune", tune_harmful, tune_baseline), ("eval", eval_harmful, eval_baseline))
@@ -233,6 +234,16 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     hooks.status(f"saving {output}")
     from abliterate.export import model_card, save_into
 
+    if loaded.source.gguf_file:  # GGUF in → GGUF out as well: the edited tensors re-encoded, the rest copied
+        from abliterate.gguf_edit import edited_parameters, write_edited_gguf
+
+        gguf_out = output / f"{settings.name or Path(loaded.source.gguf_file).stem}-abliterated.gguf"
+        hooks.status(f"writing {gguf_out.name}")
+        gguf_out.unlink(missing_ok=True)
+        report = write_edited_gguf(Path(loaded.source.path) / loaded.source.gguf_file, gguf_out, loaded.model,
+                                   edited_parameters(edits))
+        record["gguf"] = {"file": gguf_out.name, "tensors_edited": report.tensors_edited,
+                          "retyped": {name: list(types) for name, types in report.retyped.items()}}
     save_into(loaded.model, loaded.tokenizer, output, {"README.md": model_card(record)}, RECORD_FILE, record)
     return RunResult(output, chosen.number, params, state["base"], abliterated, trials_run, study, record)
 
