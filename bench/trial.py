@@ -3,9 +3,10 @@
     python bench/trial.py [--model tiny] [--trials 6] [--tune-prompts 48] [--max-new-tokens 32]
 
 A trial = plan + apply the edit (hooks) + first-token KL on the benign tune prompts + refusal generation
-with early decision. The floor is what the same tokens cost through the bare model: one forward pass over
-the benign prompts, plus a prefill and one cached decode step per generated token — the work no trial can
-avoid. All in one run, so the ratio holds on any CPU.
+with early decision, exactly as `abliterate run` does it (layers below the first edited one reused from the
+base model). The floor is what the same tokens cost through the bare model with no reuse: one forward pass
+over the benign prompts, plus a prefill and one cached decode step per generated token. Each trial is also
+measured without prefix reuse, so the two show what reuse saves. All in one run, so ratios hold on any CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from abliterate.ablation import ablate, plan_edits
 from abliterate.config import SearchSpace
 from abliterate.directions import measure_directions
 from abliterate.evaluate import Baseline, generate, measure_refusals
-from abliterate.judges import PhraseJudge
+from abliterate.judges import DEFAULT_JUDGE, get_judge
+from abliterate.prefix import PrefixCache
 from abliterate.load import load_model
 from abliterate.prompts import format_prompts, load_prompts
 from abliterate.search import suggest_params
@@ -33,6 +35,7 @@ def main():
     parser.add_argument("--tune-prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--judge", default=DEFAULT_JUDGE)
     args = parser.parse_args()
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -41,7 +44,8 @@ def main():
     harmful = format_prompts(tokenizer, load_prompts("harmful", split="tune")[: args.tune_prompts])
     benign = format_prompts(tokenizer, load_prompts("harmless", split="tune")[: args.tune_prompts])
     baseline = Baseline.measure(model, tokenizer, benign, kl_tokens=0, batch_size=args.batch_size)
-    judge = PhraseJudge()
+    judge = get_judge(args.judge)
+    harmful_prefix = PrefixCache()
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     rows = []
     for _ in range(args.trials):
@@ -49,12 +53,17 @@ def main():
         start = time.perf_counter()
         params = suggest_params(trial, SearchSpace(), loaded.adapter.n_layers)
         edits = plan_edits(loaded.adapter, directions, params)
+        first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
         with ablate(edits, params.norm_preserving):
             t_plan = time.perf_counter()
-            kl = baseline.kl(model, tokenizer, args.batch_size)
+            kl = baseline.kl(model, tokenizer, args.batch_size, first_edited)
             t_kl = time.perf_counter()
-            result = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size)
+            result = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
+                                      first_edited_layer=first_edited, prefix=harmful_prefix)
             t_gen = time.perf_counter()
+            baseline.kl(model, tokenizer, args.batch_size)  # the same trial without prefix reuse
+            measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size)
+            no_reuse = time.perf_counter() - t_gen + (t_plan - start)
         decode_tokens = result.tokens_generated
         # The floor: the same number of prompt and decode tokens through the bare model, no hooks, no judge.
         floor_start = time.perf_counter()
@@ -62,15 +71,18 @@ def main():
         generate(model, tokenizer, harmful, max(1, round(decode_tokens / len(harmful))), args.batch_size)
         floor = time.perf_counter() - floor_start
         study.tell(trial, [result.refusals, kl])
-        rows.append((t_plan - start, t_kl - t_plan, t_gen - t_kl, floor, result.refusals, kl, result.tokens_saved))
+        rows.append((t_plan - start, t_kl - t_plan, t_gen - t_kl, floor, no_reuse))
         print(f"trial {trial.number}: {t_gen - start:6.1f} s (edit {t_plan - start:.2f}, KL {t_kl - t_plan:.1f}, "
-              f"generation {t_gen - t_kl:.1f}); floor {floor:.1f} s; refusals {result.refusals}/{len(harmful)}, KL {kl:.3f}, "
+              f"generation {t_gen - t_kl:.1f}; first edited layer {first_edited}); without reuse {no_reuse:.1f} s; "
+              f"floor {floor:.1f} s; refusals {result.refusals}/{len(harmful)}, KL {kl:.3f}, "
               f"decode tokens saved {result.tokens_saved}")
     total = sum(r[0] + r[1] + r[2] for r in rows) / len(rows)
     floor = sum(r[3] for r in rows) / len(rows)
-    print(f"model {args.model} ({loaded.dtype}), {torch.get_num_threads()} threads, {args.tune_prompts}+{args.tune_prompts} "
-          f"prompts, {args.max_new_tokens} new tokens: {total:.1f} s per trial, floor {floor:.1f} s: "
-          f"{total / floor:.2f}x the floor; {3600 / total:.0f} trials/hour")
+    no_reuse = sum(r[4] for r in rows) / len(rows)
+    print(f"model {args.model} ({loaded.dtype}), {torch.get_num_threads()} threads, judge {judge.name}, "
+          f"{args.tune_prompts}+{args.tune_prompts} prompts, {args.max_new_tokens} new tokens: {total:.1f} s per trial "
+          f"({no_reuse:.1f} s without prefix reuse: {no_reuse / total:.2f}x), floor {floor:.1f} s: {total / floor:.2f}x "
+          f"the floor; {3600 / total:.0f} trials/hour")
 
 
 if __name__ == "__main__":

@@ -77,14 +77,18 @@ def with_batch_backoff(function, items: list, batch_size: int):
             batch_size //= 2
 
 
-def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_size: int = 64, steps: int = 4) -> int:
+def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_size: int = 64, steps: int = 2,
+                      smallest: int = 8) -> int:
     """The fastest batch size that fits: time a short greedy generation (prefill + `steps` tokens) of the longest
-    prompts at 1, 2, 4, ... and keep doubling while seconds per prompt drop by more than 5% and memory holds."""
+    prompts at 8, 16, 32, ... and keep doubling while seconds per prompt drop by more than 5% and memory holds.
+    At most `smallest` prompts are simply run together (smaller batches are never faster per prompt)."""
     import time
 
-    longest = sorted(formatted_prompts, key=len, reverse=True)
-    best_size, best_cost, size = 1, float("inf"), 1
     limit = max(1, min(max_batch_size, len(formatted_prompts)))
+    if limit <= smallest:
+        return limit
+    longest = sorted(formatted_prompts, key=len, reverse=True)
+    best_size, best_cost, size = smallest, float("inf"), smallest
     generate(model, tokenizer, longest[:1], 1, 1)  # warm-up: first calls pay for allocation and kernel selection
     while size <= limit:
         try:
@@ -92,10 +96,13 @@ def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_
             generate(model, tokenizer, longest[:size], steps, size)
             cost = (time.perf_counter() - start) / size
         except (RuntimeError, torch.OutOfMemoryError) as error:
-            if not _is_oom(error):
+            if not _is_oom(error) or size == 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if best_cost == float("inf"):  # not even the first size fits: go down
+                size //= 2
+                continue
             break
         if cost > best_cost * 0.95:
             break

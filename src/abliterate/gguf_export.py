@@ -188,7 +188,9 @@ class Agreement:
 def llama_cpp_greedy(gguf_file: str | Path, prompt_ids: list[list[int]], max_new_tokens: int, n_ctx: int = 1024) -> list[list[int]]:
     """Greedy token ids from llama.cpp for each prompt (given as token ids, so tokenisation is not compared)."""
     llama_cpp = _require_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
+    # half the cores: llama.cpp threads spin while they wait, and on a busy machine a full count starves itself
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     eos = {llm.token_eos()}
     outputs = []
     for ids in prompt_ids:
