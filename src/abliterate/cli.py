@@ -746,5 +746,224 @@ def _listen(host: str, port: int):
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
+# --- compare, verify, report ---
+
+
+class _CompareGroup(_Group):
+    """`abliterate compare MODEL_A MODEL_B ...` runs the comparison (hidden subcommand `models`); `reveal` is its
+    one named subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["models", *args]
+        elif not args:
+            args = ["models"]
+        return super().parse_args(ctx, args)
+
+
+class _CompareModels(click.Command):
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage(ctx.parent.command_path, "[OPTIONS] MODEL_A MODEL_B [MODEL ...]")
+
+
+@main.group(cls=_CompareGroup)
+def compare():
+    """Compare models on the same prompts and decoding, against one base: refusals, over-refusals, KL, capability,
+    consistency, speed, memory; an offline HTML report and a blind sample sheet.
+
+    \b
+    abliterate compare MODEL_A MODEL_B [MODEL ...] [--base BASE] [-o REPORT_DIR]   (options: compare models --help)
+    abliterate compare reveal SHEET RATINGS                                        (after rating the sheet)
+
+    MODEL: 'tiny', a saved directory, a .gguf, a hub id, or BASE::DIRECTIONS::PARAMS (an ablation applied in memory;
+    PARAMS: a JSON file or layer=L[,weight=W]); NAME=MODEL names its row."""
+
+
+@compare.command(name="models", cls=_CompareModels, hidden=True)
+@click.argument("models", nargs=-1)
+@click.option("--base", default=None, help="Base for KL (a row too). Default: the base the models record, else the first.")
+@click.option("-o", "--output", default="compare-report", show_default=True, help="Report directory (must not exist or be empty).")
+@click.option("--limit", type=int, default=32, show_default=True, help="Prompts per set: harmful (eval split), borderline benign, benign for KL.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens per answer to harmful and borderline prompts.")
+@click.option("--probe-tokens", type=int, default=128, show_default=True, help="Tokens per answer to capability probes and paraphrases.")
+@click.option("--probes", type=int, default=40, show_default=True, help="Capability probes (spread over arithmetic, facts, code output, reasoning).")
+@click.option("--paraphrases", type=int, default=10, show_default=True, help="Paraphrase groups (3 prompts each) for consistency.")
+@click.option("--kl-tokens", type=int, default=16, show_default=True, help="Tokens of the base's continuation for multi-token KL.")
+@click.option("--judge", "judge_name", default="classifier", show_default=True, help="Refusal judge: classifier, phrase, embedding.")
+@click.option("--system-prompt", default=None, help="System prompt ('' for none).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="The same for every model (tokens/s depends on it).")
+@click.option("--directions", "directions_file", default=None, help="The base's directions file for the strength plot.")
+@click.option("--direction-prompts", type=int, default=16, show_default=True,
+              help="Without directions: measure them on this many train prompts of each kind (0: no strength plot).")
+@click.option("--sheet-prompts", type=int, default=12, show_default=True, help="Prompts on the blind sheet (half harmful, half borderline; 0: none).")
+@click.option("--seed", type=int, default=None, help="Seed of the sheet's shuffle (default: random, kept in key.json).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Also run lm-evaluation-harness tasks (comma list), reported as deltas.")
+@click.option("--lm-eval-limit", type=int, default=None, help="At most this many examples per lm-eval task.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16, float16 (the same for every model).")
+@click.option("--device-map", default=None, help="Passed to transformers/accelerate.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repositories' own code.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results (without answers) as one JSON object on stdout.")
+def compare_models(models, base, output, limit, max_new_tokens, probe_tokens, probes, paraphrases, kl_tokens, judge_name,
+                   system_prompt, batch_size, directions_file, direction_prompts, sheet_prompts, seed, lm_eval_tasks,
+                   lm_eval_limit, dtype, device_map, trust_remote_code, as_json):
+    """Compare MODEL_A MODEL_B ... (see `abliterate compare --help`)."""
+    import json as json_module
+
+    from abliterate.compare import CompareSettings, check_output_dir, plan_models, read_prompt_sets, write_outputs
+    from abliterate.compare import compare as run_compare
+    from abliterate.judges import get_judge
+
+    tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+    settings = CompareSettings(limit=limit, max_new_tokens=max_new_tokens, probe_tokens=probe_tokens, probes=probes,
+                               paraphrase_groups=paraphrases, kl_tokens=kl_tokens, judge=judge_name, system_prompt=system_prompt,
+                               batch_size=batch_size, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                               directions=directions_file, direction_prompts=direction_prompts, sheet_prompts=sheet_prompts,
+                               seed=seed, lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit)
+    settings.check()
+    plan_models(list(models), base)  # bad model specs fail before anything is loaded
+    get_judge(judge_name)
+    if directions_file and not Path(directions_file).is_file():
+        raise UserError(f"directions file not found: {directions_file}")
+    out = Path(output)
+    check_output_dir(out)
+    comparison = run_compare(list(models), base, settings, status=lambda line: click.echo(line, err=True))
+    written = write_outputs(comparison, out, read_prompt_sets(settings))
+    if comparison.lm_eval_note:
+        click.echo(comparison.lm_eval_note, err=True)
+    if as_json:
+        click.echo(json_module.dumps(comparison.to_dict(answers=False)))
+        return
+    _print_comparison(comparison)
+    click.echo(f"wrote {written['report']} and {written['results']}")
+    if "sheet" in written:
+        click.echo(f"blind sheet: {written['sheet']} (rate in {written['ratings']}; the key is {written['key']}: don't open it "
+                   f"first), then: abliterate compare reveal {written['sheet']} {written['ratings']}")
+
+
+def _print_comparison(comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from abliterate.compare import TABLE_COLUMNS, lm_eval_deltas, table_rows
+
+    table = Table(title=f"against {comparison.base_label}: {comparison.settings['prompt_counts']['harmful']} held-out harmful prompts, "
+                        f"judge {comparison.settings['judge']}")
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in table_rows(comparison):
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped or logged: no truncated columns
+    deltas = lm_eval_deltas(comparison.results, comparison.base_label)
+    if deltas:
+        for label, tasks in deltas.items():
+            shown = ", ".join(f"{task} {metric} {value:+.4f}" for task, metrics in tasks.items() for metric, value in metrics.items())
+            click.echo(f"lm-eval {label} − base: {shown or 'n/a'}")
+
+
+@compare.command(name="reveal")
+@click.argument("sheet")
+@click.argument("ratings")
+@click.option("--key", "key_file", default=None, help="The key (default: key.json beside SHEET).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def compare_reveal(sheet, ratings, key_file, as_json):
+    """Join a reader's RATINGS of a blind SHEET (sheet.md or its directory) with its key: mean rating per model.
+
+    RATINGS: the sheet's ratings.csv filled in (prompt_id, letter, rating), or JSON ([{prompt_id, letter, rating}] or
+    {prompt_id: {letter: rating}}). Blank ratings are skipped."""
+    import json as json_module
+
+    from abliterate.compare import read_key, read_ratings, reveal
+
+    key, warnings = read_key(sheet, key_file)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    result = reveal(key, read_ratings(ratings), str(ratings))
+    if as_json:
+        click.echo(json_module.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    kinds = sorted({kind for m in result["models"] for kind in m["by_kind"]})
+    table = Table(title=f"{result['rated']} of {result['answers']} answers rated")
+    for column in ("model", "mean rating", "ratings", *kinds):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for m in result["models"]:
+        table.add_row(m["model"], "n/a" if m["mean"] is None else f"{m['mean']:.2f}", str(m["ratings"]),
+                      *("n/a" if kind not in m["by_kind"] else f"{m['by_kind'][kind]:.2f}" for kind in kinds))
+    Console().print(table)
+
+
+@main.command()
+@click.argument("model", default=DEFAULT_MODEL, required=False)
+@click.option("--base", default=None, help="The model it was made from. Default: base_model in MODEL/abliteration.json "
+              "(or BASE of a BASE::DIRECTIONS::PARAMS variant).")
+@click.option("--prompts", type=int, default=32, show_default=True, help="Held-out harmful prompts asked of the base.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens per answer to the harmful prompts.")
+@click.option("--reasoning-probes", type=int, default=10, show_default=True, help="Step-by-step probes (0: skip the check).")
+@click.option("--reasoning-tokens", type=int, default=256, show_default=True, help="Tokens per reasoning answer (thinking models need more).")
+@click.option("--kl-prompts", type=int, default=16, show_default=True, help="Benign prompts for KL.")
+@click.option("--kl-tokens", type=int, default=16, show_default=True, help="Tokens of the base's continuation for multi-token KL (0: off).")
+@click.option("--judge", "judge_name", default="classifier", show_default=True, help="Refusal judge: classifier, phrase, embedding.")
+@click.option("--min-answered", type=float, default=0.8, show_default=True, help="Pass: this share of formerly refused prompts answered on topic.")
+@click.option("--on-topic", type=float, default=0.5, show_default=True, help="Prompt-answer embedding similarity that counts as on topic.")
+@click.option("--reasoning-slack", type=int, default=0, show_default=True, help="Reasoning probes the base solves that the model may fail.")
+@click.option("--max-kl", type=float, default=0.4, show_default=True, help="Pass: first-token KL at most this.")
+@click.option("--max-kl-multi", type=float, default=0.2, show_default=True, help="Pass: multi-token KL at most this.")
+@click.option("--system-prompt", default=None, help="System prompt ('' for none).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16, float16.")
+@click.option("--device-map", default=None, help="Passed to transformers/accelerate.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repositories' own code.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def verify(model, base, prompts, max_new_tokens, reasoning_probes, reasoning_tokens, kl_prompts, kl_tokens, judge_name,
+           min_answered, on_topic, reasoning_slack, max_kl, max_kl_multi, system_prompt, batch_size, dtype, device_map,
+           trust_remote_code, as_json):
+    """Check an abliterated MODEL against its base: formerly refused prompts answered on topic, step-by-step reasoning
+    intact, benign answers close to the base (KL). Exit 0: all pass; 1: a check fails; 2: bad input.
+
+    MODEL: a saved directory, a .gguf, a hub id, or BASE::DIRECTIONS::PARAMS (an ablation applied in memory)."""
+    import json as json_module
+
+    from abliterate.verify import VerifySettings
+    from abliterate.verify import verify as run_verify
+
+    settings = VerifySettings(prompts=prompts, kl_prompts=kl_prompts, max_new_tokens=max_new_tokens,
+                              reasoning_probes=reasoning_probes, reasoning_tokens=reasoning_tokens, kl_tokens=kl_tokens,
+                              judge=judge_name, system_prompt=system_prompt, batch_size=batch_size, min_answered=min_answered,
+                              on_topic=on_topic, reasoning_slack=reasoning_slack, max_kl=max_kl, max_kl_multi=max_kl_multi,
+                              dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    result = run_verify(model, base, settings, status=lambda line: click.echo(line, err=True))
+    if as_json:
+        click.echo(json_module.dumps(result.to_dict()))
+    else:
+        click.echo(f"verify {result.model} against {result.base} ({result.numbers['asked']} held-out harmful prompts, "
+                   f"the base refuses {result.numbers['base_refused']}; judge {result.numbers['judge']})")
+        for check in result.checks:
+            click.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.summary}")
+            for line in check.details:
+                click.echo(f"        {line}")
+        passed = sum(c.passed for c in result.checks)
+        click.echo(f"{'verified' if result.passed else 'not verified'}: {passed}/{len(result.checks)} checks pass")
+    sys.exit(0 if result.passed else 1)
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("-o", "--output", default=None, help="HTML file to write (default: RUN_DIR/report.html).")
+def report(run_dir, output):
+    """Render a finished or running `abliterate run` directory as an offline HTML report: Pareto front, trials over
+    time, parameter importance, per-layer direction strength, the chosen trial's layer weights."""
+    from abliterate.report import run_report, write_html
+
+    target = Path(output) if output else Path(run_dir) / "report.html"
+    if output and not target.parent.exists():
+        raise UserError(f"directory {target.parent} does not exist; create it or choose another -o")
+    with _status(f"rendering {run_dir}"):
+        document = run_report(run_dir)
+    write_html(target, document)
+    click.echo(f"wrote {target}")
+
+
 if __name__ == "__main__":  # keep last: every command above is registered by then
     main()
