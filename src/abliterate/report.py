@@ -109,10 +109,19 @@ def pareto_mask(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in points) for p in points]
 
 
-def plot_refusals_vs_kl(points: list[dict], title: str, ylabel: str, xlabel: str = "first-token KL vs base") -> str:
-    """points: {label, kl, refusals, front (bool), marked (bool, starred), muted (bool)}."""
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_refusals_vs_kl(points: list[dict], title: str, ylabel: str, xlabel: str = "first-token KL vs base",
+                        counts: bool = False) -> str:
+    """points: {label, kl, refusals, front (bool), marked (bool, starred), muted (bool)}; `counts`: refusals are counts."""
     fig, axes = _figure(6.4, 4.2)
     ax = axes[0][0]
+    if counts:
+        _integer_ticks(ax.yaxis)
     muted = [p for p in points if p.get("muted")]
     if muted:
         ax.scatter([p["kl"] for p in muted], [p["refusals"] for p in muted], marker="x", color="#bbbbbb",
@@ -163,6 +172,7 @@ def plot_strength(strength: list[float], relative: list[float] | None, title: st
     fig, axes = _figure(6.4, 3.6)
     ax = axes[0][0]
     ax.bar(range(len(strength)), strength, color="#4a78b5", label="‖mean harmful − mean harmless‖")
+    _integer_ticks(ax.xaxis)
     ax.set_xlabel("layer")
     ax.set_ylabel("norm of the mean difference")
     handles, names = ax.get_legend_handles_labels()
@@ -198,6 +208,7 @@ def plot_layer_weights(curves: dict[str, dict[str, list[float]]], title: str) ->
         for kind, weights in components.items():
             ax.plot(range(len(weights)), weights, COMPONENT_STYLES.get(kind, "-"), color=f"C{index % 10}", marker=".",
                     label=f"{label} · {kind}")
+    _integer_ticks(ax.xaxis)
     ax.set_xlabel("layer")
     ax.set_ylabel("ablation weight")
     ax.set_ylim(bottom=0)
@@ -212,6 +223,7 @@ def plot_trials_over_time(rows: list[dict], total: int | None, title: str) -> st
     fig, axes = _figure(6.4, 4.6, 2, 1, sharex=True)
     top, bottom = axes[0][0], axes[1][0]
     rows = sorted(rows, key=lambda r: r["minutes"])
+    _integer_ticks(top.yaxis)
     for ax, key, label in ((top, "refusals", f"refusals (of {total})" if total else "refusals"), (bottom, "kl", "first-token KL")):
         full = [r for r in rows if not r["cut_short"]]
         cut = [r for r in rows if r["cut_short"]]
@@ -314,7 +326,8 @@ def parameter_importances(study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) ->
             values = optuna.importance.get_param_importances(study, evaluator=evaluator,
                                                              target=lambda t, i=index: t.values[i])
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
-            return None, f"parameter importance could not be computed ({str(error).splitlines()[0]})"
+            return None, (f"parameter importance could not be computed: {str(error).splitlines()[0]} (the objective "
+                          "hardly varies over these trials; it appears once trials differ)")
         values = {k: float(v) for k, v in values.items() if math.isfinite(v)}
         if values:
             result[name] = values
@@ -399,7 +412,8 @@ def run_report(run_dir: str | Path) -> str:
         points = [{"label": t.number, "kl": t.values[1], "refusals": t.values[0], "front": t.number in front_numbers,
                    "muted": bool(t.user_attrs.get("cut_short")), "marked": chosen is not None and t.number == chosen.number}
                   for t in done]
-        blocks.append(figure(plot_refusals_vs_kl(points, TITLE_FRONT, f"refusals (of {total} tune prompts)" if total else "refusals"),
+        blocks.append(figure(plot_refusals_vs_kl(points, TITLE_FRONT, f"refusals (of {total} tune prompts)" if total else "refusals",
+                                                 counts=True),
                              "Every finished trial: measured trials in blue, trials cut short by their KL in grey (their "
                              "refusals are the pessimistic placeholder). The red steps join the Pareto front; the star is the "
                              "chosen trial."))
