@@ -143,3 +143,20 @@ def pty_run(command, answers, timeout=240):
             os.write(fd, answer.encode())
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), output.replace(b"\x00", b"").decode(errors="replace"), pending
+
+
+def invoke(*args):
+    """The CLI in-process, arguments as strings, exceptions not swallowed."""
+    from click.testing import CliRunner
+
+    from abliterate.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_clean_failure(result, fragment):
+    """Bad input: exit 2, the last line `error: ...` naming `fragment`, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.output
+    assert "Traceback" not in result.output

@@ -9,16 +9,12 @@ import struct
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ARCH_CONFIGS, build_tiny_model
+from conftest import ARCH_CONFIGS, build_tiny_model, invoke
 
 from abliterate.catalog import (GIB, TIERS, estimate, fit, kv_cache_bytes, load_catalog, parse_memory,
                                 read_model_config, select)
 from abliterate.cli import main
 from abliterate.errors import UserError
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def assert_user_error(result):

