@@ -33,7 +33,6 @@ ENCODABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 class GGUFEdit:
     tensors_edited: int = 0
     retyped: dict[str, tuple[str, str]] = field(default_factory=dict)  # tensor name → (original type, written type)
-    max_abs_error: float = 0.0  # largest |dequantised written − dense edited| over the edited tensors
 
 
 def encodable_type(type_name: str) -> str:
@@ -104,8 +103,6 @@ def write_edited_gguf(source: str | Path, out_file: str | Path, model, edited_pa
         data, qtype = _encode(dense, written)
         if written != type_name:
             report.retyped[name] = (type_name, written)
-        back = gguf.quants.dequantize(data, qtype).reshape(dense.shape)
-        report.max_abs_error = max(report.max_abs_error, float(np.abs(back - dense).max()))
         replacements[name] = (data, qtype)
     report.tensors_edited = len(replacements)
 
