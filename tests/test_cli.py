@@ -56,7 +56,7 @@ def test_directions_file_records_its_provenance(directions_file, tiny_model_dir)
     torch.testing.assert_close(loaded.directions.norm(dim=-1), torch.ones(4))
     meta = loaded.metadata
     assert meta["model"] == str(tiny_model_dir) and meta["n_layers"] == 4 and meta["hidden_size"] == 64
-    assert meta["harmful_count"] == 3 and len(meta["harmful_sha256"]) == 64 and meta["projected"] is False
+    assert meta["harmful_count"] == 3 and len(meta["harmful_sha256"]) == 64 and meta["projected"] is True
 
 
 def test_apply_saves_a_model_plain_transformers_loads(directions_file, tiny_model_dir, tmp_path):

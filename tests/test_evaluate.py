@@ -49,6 +49,19 @@ def test_early_decision_keeps_every_verdict_and_saves_tokens(model_and_tokenizer
         assert long.startswith(short)
 
 
+def test_generation_stops_at_the_refusal_count_that_makes_a_trial_dominated(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    judge = PhraseJudge(markers=("",), opening_chars=8)  # every non-empty opening is a decided refusal
+    full = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2)
+    assert full.refusals >= 2 and full.stopped_at is None
+    stopped = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2, stop_at_refusals=2)
+    assert stopped.stopped_at == stopped.refusals == 2 and stopped.responses == []
+    # A bound it never reaches changes nothing.
+    unreached = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2,
+                                 stop_at_refusals=len(PROMPTS) + 1)
+    assert (unreached.verdicts, unreached.responses, unreached.stopped_at) == (full.verdicts, full.responses, None)
+
+
 def test_kl_zero_against_itself_and_positive_after_an_edit():
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     baseline = Baseline.measure(model, tokenizer, PROMPTS, kl_tokens=6, top_k=320, batch_size=2)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from abliterate.cli import main
 from abliterate.config import RunSettings, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.search import pareto_front, pick_trial
+from abliterate.search import _refusal_bound, pareto_front, pick_trial
 from conftest import pty_run
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
@@ -90,6 +90,17 @@ def synthetic_study(points):
         study.add_trial(optuna.trial.create_trial(values=[refusals, kl], params={}, distributions={},
                                                   user_attrs={"params": {}}))
     return study
+
+
+def test_refusal_bound_is_the_fewest_refusals_measured_in_full_at_no_higher_kl():
+    study = synthetic_study([(5, 0.1), (2, 0.3), (0, 0.6)])
+    assert _refusal_bound(study, 0.05) is None  # nothing finished has a KL this low: measure in full
+    assert _refusal_bound(study, 0.1) == 5
+    assert _refusal_bound(study, 0.4) == 2
+    assert _refusal_bound(study, 0.7) == 0  # dominated before generating anything
+    study.add_trial(optuna.trial.create_trial(values=[0, 0.2], params={}, distributions={},
+                                              user_attrs={"params": {}, "cut_short": True}))
+    assert _refusal_bound(study, 0.4) == 2  # cut-short trials carry bounds, not measurements
 
 
 def test_pick_rules():

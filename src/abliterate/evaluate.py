@@ -312,16 +312,37 @@ class RefusalResult:
     degenerate: int
     tokens_generated: int
     tokens_saved: int
+    stopped_at: int | None = None  # set when `stop_at_refusals` ended the measurement: refusals >= this
+
+
+class _EnoughRefusals(Exception):
+    """Raised from inside generation once `stop_at_refusals` answers are known refusals."""
 
 
 def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
                      batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
-                     prefix: PrefixCache | None = None) -> RefusalResult:
-    """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`."""
+                     prefix: PrefixCache | None = None, stop_at_refusals: int | None = None) -> RefusalResult:
+    """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`.
+    `stop_at_refusals`: stop generating as soon as that many answers are decided refusals (a search trial that
+    is then dominated whatever the rest say); the result has only `refusals` (a lower bound) and `stopped_at`."""
     decided = getattr(judge, "decided", None) if early_stop else None
+    if decided is not None and stop_at_refusals is not None:
+        judge_decided, known_refusals = decided, [0]
+
+        def decided(text: str) -> bool:
+            if not judge_decided(text):
+                return False
+            known_refusals[0] += judge.is_refusal(text)
+            if known_refusals[0] >= stop_at_refusals:
+                raise _EnoughRefusals
+            return True
+
     reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
-    result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
-                                                             **reuse), formatted_harmful, batch_size)
+    try:
+        result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
+                                                                 **reuse), formatted_harmful, batch_size)
+    except _EnoughRefusals:
+        return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
     from abliterate.judges import judge_refusals
 
     verdicts = judge_refusals(judge, result.texts)

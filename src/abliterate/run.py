@@ -147,7 +147,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         directions = Directions.load(directions_path).fitted_to(loaded.adapter)
     else:
         hooks.status(f"measuring refusal directions on {len(prompts.train[0])} + {len(prompts.train[1])} prompts")
-        directions = measure_directions(loaded, *prompts.train, system_prompt=system_prompt, batch_size=batch_size)
+        directions = measure_directions(loaded, *prompts.train, system_prompt=system_prompt, batch_size=batch_size,
+                                        projected=settings.projected)
         directions.save(directions_path)
 
     hooks.status("measuring the base model on the tune and eval splits")

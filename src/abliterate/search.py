@@ -6,8 +6,11 @@ the harmful tune prompts with early decision and count refusals. Gibberish answe
 degenerate answer helps nobody, so the search treats it as damage, not success.
 
 A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
-0 refusals at a KL no higher than this one's: then this trial is dominated whatever its refusals.
-It is recorded with the pessimistic value refusals = total, so the sampler still learns the region is bad.
+0 refusals at a KL no higher than this one's: then this trial is dominated whatever its refusals; it is
+recorded with the pessimistic value refusals = total, so the sampler still learns the region is bad. Once a
+finished trial with R refusals has a KL no higher than this one's, generation stops at this trial's R-th
+decided refusal (dominated again), recorded with the R refusals it reached. Cut-short trials never enter
+the Pareto front.
 """
 
 from __future__ import annotations
@@ -81,11 +84,12 @@ class TrialContext:
     harmful_prefix: PrefixCache = field(default_factory=PrefixCache)  # base states of the harmful prompts' prefills
 
 
-def _dominated_by_zero_refusals(study: optuna.Study, kl: float) -> bool:
-    for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if done.values[0] == 0 and done.values[1] <= kl and not done.user_attrs.get("cut_short"):
-            return True
-    return False
+def _refusal_bound(study: optuna.Study, kl: float) -> int | None:
+    """The fewest refusals of a trial measured in full at a KL no higher than `kl`: a trial with `kl` that reaches
+    this many refusals is dominated whatever its other answers say (None: no such trial yet)."""
+    counts = [done.values[0] for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if done.values[1] <= kl and not done.user_attrs.get("cut_short")]
+    return int(min(counts)) if counts else None
 
 
 def objective(context: TrialContext, space: SearchSpace):
@@ -100,12 +104,18 @@ def objective(context: TrialContext, space: SearchSpace):
         first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
         with ablate(edits, params.norm_preserving):
             kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size, first_edited)
-            if not math.isfinite(kl) or kl > context.max_kl or _dominated_by_zero_refusals(trial.study, kl):
+            bound = _refusal_bound(trial.study, kl) if math.isfinite(kl) else None
+            if not math.isfinite(kl) or kl > context.max_kl or bound == 0:
                 trial.set_user_attr("cut_short", True)
                 return float(total), kl if math.isfinite(kl) else 1e6
             result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
                                       context.max_new_tokens, context.batch_size,
-                                      first_edited_layer=first_edited, prefix=context.harmful_prefix)
+                                      first_edited_layer=first_edited, prefix=context.harmful_prefix,
+                                      stop_at_refusals=bound)
+        if result.stopped_at is not None:  # dominated part-way: recorded with the refusals it had reached
+            trial.set_user_attr("cut_short", True)
+            trial.set_user_attr("refusals_at_least", result.stopped_at)
+            return float(result.stopped_at), kl
         degenerate_answers = sum(is_gib and not refused for is_gib, refused in
                                  zip(map(context.judge.is_degenerate, result.responses), result.verdicts))
         trial.set_user_attr("refusals", result.refusals)
