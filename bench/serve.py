@@ -141,7 +141,10 @@ def main() -> None:
     servers = {
         "abliterate serve": [sys.executable, "-m", "abliterate.cli", "serve", args.vs_llama_cpp, "--port", "18435"],
         "llama.cpp server": [sys.executable, "-m", "llama_cpp.server", "--model", args.vs_llama_cpp, "--port", "18436",
-                             "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)],
+                             "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1),
+                             "--n_threads_batch", str(os.cpu_count() or 1),
+                             # its default drops a running stream whenever another request arrives: queue instead
+                             "--interrupt_requests", "False"],
     }
     results = {}
     for (label, command), port in zip(servers.items(), (18435, 18436)):
