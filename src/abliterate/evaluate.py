@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from abliterate.errors import UserError
-from abliterate.prefix import PrefixCache
+from abliterate.prefix import PrefixCache, cache_of
 
 
 def _device(model) -> torch.device:
@@ -38,6 +38,14 @@ def _batches(items: list, batch_size: int):
 
 def _encode(tokenizer, texts: list[str], device) -> dict:
     return {name: tensor.to(device) for name, tensor in _tokenised(tokenizer, tuple(texts)).items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_argument(model_class) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,7 +152,7 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         run = functools.partial(model, input_ids=inputs["input_ids"], attention_mask=mask,
                                 position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
         output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True)
-        cache = output.past_key_values
+        cache = cache_of(output)
         next_tokens = output.logits[:, -1, :].argmax(-1)
         active = list(batch_indices)  # prompt index of each row still running
         tokens: dict[int, list[int]] = {i: [] for i in batch_indices}
@@ -168,8 +176,9 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
                 active = [active[row] for row in keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             output = model(input_ids=next_tokens[:, None], attention_mask=mask,
-                           position_ids=_positions(mask)[:, -1:], past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+                           position_ids=_positions(mask)[:, -1:], use_cache=True,
+                           **{_cache_argument(type(model)): cache})
+            cache = cache_of(output)
             next_tokens = output.logits[:, -1, :].argmax(-1)
         for index in batch_indices:
             texts[index] = tokenizer.decode(tokens[index], skip_special_tokens=True)

@@ -45,6 +45,12 @@ def plan_stops(n_layers: int, stop_bytes: float, kv_layer_bytes: float, budget: 
     return best
 
 
+def cache_of(output):
+    """The KV cache of a model output: `cache` from transformers 5.24, `past_key_values` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def _nbytes(value) -> int:
     tensors = [value] if isinstance(value, torch.Tensor) else [value.keys, value.values]
     return sum(t.untyped_storage().nbytes() for t in tensors)
@@ -104,7 +110,7 @@ class PrefixCache:
                 generation: bool = False):
         """`run()`: the forward pass (first-token logprobs) or prefill (generation) of batch `texts`, where no layer
         below `first_edited_layer` differs from the base model. Returns its output, computed from the highest
-        stored stop; with `generation`, the skipped layers' prompt KV is back in `output.past_key_values`."""
+        stored stop; with `generation`, the skipped layers' prompt KV is back in the output's cache."""
         if first_edited_layer is None or not self._bind(model):
             return run()
         if self.stops is None:
@@ -125,7 +131,7 @@ class PrefixCache:
             for i, layer in enumerate(originals):
                 layers[i] = layer
         if generation and self.stops:
-            cache = output.past_key_values
+            cache = cache_of(output)
             for i in range(start):
                 cache.layers[i] = copy.copy(self.kv[texts, i])  # decoding replaces its tensors, never writes them
             for i in range(start, min(first_edited_layer, self.stops[-1])):
@@ -157,7 +163,7 @@ class PrefixCache:
         if generation:
             from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # replace tensors, never write them
 
-            cache_layers = getattr(output.past_key_values, "layers", [])
+            cache_layers = getattr(cache_of(output), "layers", [])
             if len(cache_layers) != len(self._layers) or any(
                     type(c) not in (DynamicLayer, DynamicSlidingWindowLayer) for c in cache_layers):
                 self.stops = []  # a cache we cannot copy safely: full prefills
