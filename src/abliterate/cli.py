@@ -315,7 +315,7 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     formatted_harmful = format_prompts(loaded.tokenizer, harmful_prompts, system_prompt)
     if not batch_size:
         with _status("choosing the batch size"):
-            batch_size = choose_batch_size(loaded.model, loaded.tokenizer, formatted_harmful)
+            batch_size = choose_batch_size(loaded.model, loaded.tokenizer, formatted_harmful, new_tokens=max_new_tokens)
     baseline = None
     if base:
         base_loaded = loaded if base == model else _load(base, None, dtype, device_map, trust_remote_code)

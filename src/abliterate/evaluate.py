@@ -85,12 +85,19 @@ def with_batch_backoff(function, items: list, batch_size: int):
             batch_size //= 2
 
 
-def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_size: int = 64, steps: int = 2,
+def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_size: int = 64, new_tokens: int = 32,
                       smallest: int = 8) -> int:
-    """The fastest batch size that fits: time a short greedy generation (prefill + `steps` tokens) of the longest
-    prompts at 8, 16, 32, ... and keep doubling while seconds per prompt drop by more than 5% and memory holds.
-    At most `smallest` prompts are simply run together (smaller batches are never faster per prompt)."""
+    """The fastest batch size that fits for generating `new_tokens` per prompt. At 8, 16, 32, ... it times a
+    prefill (1 token) and a prefill plus 2 decode steps of the longest prompts, projects prefill + `new_tokens`
+    decode steps per prompt, and keeps doubling while that drops by more than 5% and memory holds. (Timing the
+    prefill alone would always pick the smallest: prefill cost grows with the tokens, decode steps barely grow
+    with the batch, and decoding is most of the work.) At most `smallest` prompts are simply run together."""
     import time
+
+    def timed(prompts: list[str], tokens: int, size: int) -> float:
+        start = time.perf_counter()
+        generate(model, tokenizer, prompts, tokens, size)
+        return time.perf_counter() - start
 
     limit = max(1, min(max_batch_size, len(formatted_prompts)))
     if limit <= smallest:
@@ -100,9 +107,9 @@ def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_
     generate(model, tokenizer, longest[:1], 1, 1)  # warm-up: first calls pay for allocation and kernel selection
     while size <= limit:
         try:
-            start = time.perf_counter()
-            generate(model, tokenizer, longest[:size], steps, size)
-            cost = (time.perf_counter() - start) / size
+            prefill = timed(longest[:size], 1, size)
+            step = max(0.0, timed(longest[:size], 3, size) - prefill) / 2
+            cost = (prefill + max(new_tokens - 1, 0) * step) / size
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not _is_oom(error) or size == 1:
                 raise

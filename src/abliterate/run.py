@@ -138,7 +138,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         batch_size = state["batch_size"]  # a resumed run keeps the batches its trials were measured with
     else:
         hooks.status("choosing the batch size (the fastest that fits)")
-        batch_size = choose_batch_size(loaded.model, loaded.tokenizer, fmt(prompts.tune[0]), settings.max_batch_size)
+        batch_size = choose_batch_size(loaded.model, loaded.tokenizer, fmt(prompts.tune[0]), settings.max_batch_size,
+                                       settings.max_new_tokens)
         state["batch_size"] = batch_size
         _write_json(output / RUN_FILE, state)
 
