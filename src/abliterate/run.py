@@ -23,7 +23,7 @@ from abliterate.errors import UserError
 from abliterate.evaluate import Baseline, choose_batch_size, evaluate
 from abliterate.judges import get_judge
 from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
-from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial
+from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
 
 RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
@@ -164,7 +164,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
             state["base"][split] = metrics.to_dict()
         _write_json(output / RUN_FILE, state)
 
-    study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials)
+    study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials,
+                       warm_start_params(settings.space, loaded.adapter.n_layers))
     context = TrialContext(loaded, directions.directions, tune_harmful, tune_baseline, judge, settings.max_new_tokens,
                            batch_size, settings.max_kl)
     run_trial = objective(context, settings.space)

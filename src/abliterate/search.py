@@ -1,9 +1,11 @@
 """Search: multi-objective optimisation (Optuna TPE) of the ablation, minimising (refusals, KL) on the tune split.
 
-One trial: sample parameters → apply them in memory (hooks, no reload) → first-token KL on the benign tune
-prompts (one forward pass) → if the trial cannot reach the Pareto front, stop here → otherwise generate
-the harmful tune prompts with early decision and count refusals. Gibberish answers count as refusals: a
-degenerate answer helps nobody, so the search treats it as damage, not success.
+A new study starts from the single-direction ablation of Arditi et al. at a few depths (`space.warm_start`),
+then samples at random (`startup_trials`), then lets TPE choose. One trial: sample parameters → apply them in
+memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the trial cannot
+reach the Pareto front, stop here → otherwise generate the harmful tune prompts with early decision and count
+refusals. Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
+damage, not success.
 
 A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
 0 refusals at a KL no higher than this one's: then this trial is dominated whatever its refusals; it is
@@ -69,6 +71,30 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> Ab
     return AblationParams(components, norm_preserving)
 
 
+def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
+    """Optuna parameters of `space.warm_start`'s trials: one direction at each depth, every layer at weight 1,
+    plain projection. Values the space's ranges exclude are clipped into them (a kernel as flat as allowed)."""
+    if "global" not in space.direction_scope:
+        return []
+    last = n_layers - 1
+    clip = lambda value, low, high: min(max(value, low), high)
+    trials = []
+    for depth in space.warm_start:
+        index = clip(depth, *space.direction_index) * last
+        params = {"direction_scope": "global", "direction_index": index,
+                  "norm_preserving": False if False in space.norm_preserving else space.norm_preserving[0]}
+        for kind in space.components:
+            position = clip(depth, *space.max_weight_position) * last
+            reach = max(position, last - position)  # the distance that covers every layer from the peak
+            params |= {f"{kind}.max_weight": clip(1.0, *space.max_weight),
+                       f"{kind}.max_weight_position": position,
+                       f"{kind}.min_weight": clip(1.0, *space.min_weight),
+                       f"{kind}.min_weight_distance": clip(reach, max(space.min_weight_distance[0] * n_layers, 0.5),
+                                                           max(space.min_weight_distance[1] * n_layers, 0.5))}
+        trials.append(params)
+    return trials
+
+
 @dataclass
 class TrialContext:
     """What every trial measures against: computed once per run."""
@@ -126,8 +152,9 @@ def objective(context: TrialContext, space: SearchSpace):
     return run_trial
 
 
-def open_study(storage_path: str, seed: int, startup_trials: int) -> optuna.Study:
-    """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial)."""
+def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = ()) -> optuna.Study:
+    """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial).
+    A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -137,8 +164,12 @@ def open_study(storage_path: str, seed: int, startup_trials: int) -> optuna.Stud
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True)
     storage = JournalStorage(JournalFileBackend(storage_path))
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
-                               sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
+                                sampler=sampler, load_if_exists=True)
+    if not study.trials:
+        for params in warm_start:
+            study.enqueue_trial(params)
+    return study
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
