@@ -77,7 +77,10 @@ def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
     if "global" not in space.direction_scope:
         return []
     last = n_layers - 1
-    clip = lambda value, low, high: min(max(value, low), high)
+
+    def clip(value: float, low: float, high: float) -> float:
+        return min(max(value, low), high)
+
     trials = []
     for depth in space.warm_start:
         index = clip(depth, *space.direction_index) * last
