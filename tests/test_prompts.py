@@ -7,7 +7,7 @@ import json
 import pytest
 
 from abliterate.errors import UserError
-from abliterate.prompts import SPLITS, format_prompts, load_prompts
+from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, SPLITS, format_prompts, load_prompts
 from conftest import build_tiny_tokenizer
 
 
@@ -100,7 +100,10 @@ def test_template_that_rejects_system_prompt_gets_none():
 def test_plain_format_without_template():
     tokenizer = build_tiny_tokenizer(None)
     assert format_prompts(tokenizer, ["hi"], "Be brief.") == ["System: Be brief.\nUser: hi\nAssistant:"]
-    assert format_prompts(tokenizer, ["hi"], None) == ["User: hi\nAssistant:"]
+    assert format_prompts(tokenizer, ["hi"], "") == ["User: hi\nAssistant:"]
+    # None is the default system prompt everywhere (a run's trials once saw none while its directions saw it)
+    assert format_prompts(tokenizer, ["hi"], None) == format_prompts(tokenizer, ["hi"]) == [
+        f"System: {DEFAULT_SYSTEM_PROMPT}\nUser: hi\nAssistant:"]
 
 
 def test_thinking_models_get_a_closed_empty_thought():

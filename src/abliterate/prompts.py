@@ -168,7 +168,10 @@ def _template_renders(tokenizer, messages: list[dict], **kwargs) -> str:
 
 
 def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[str]:
-    """Render each prompt as the model sees it just before it answers."""
+    """Render each prompt as the model sees it just before it answers. `system_prompt`: None is the default
+    system prompt, '' none at all (directions, search trials and evals must all see the same one)."""
+    if system_prompt is None:
+        system_prompt = DEFAULT_SYSTEM_PROMPT
     if getattr(tokenizer, "chat_template", None) is None:
         system = f"System: {system_prompt}\n" if system_prompt else ""
         return [PLAIN_FORMAT.format(system=system, prompt=p) for p in prompts]
