@@ -42,7 +42,10 @@ class RunDisplay(Hooks):
         if self.task is None:
             self.task = self.progress.add_task("trials", total=total, completed=done - 1, best="")
         self.progress.update(self.task, total=total)
-        if trial.user_attrs.get("cut_short"):
+        if "refusals_at_least" in trial.user_attrs:
+            line = (f"trial {trial.number}: cut short at {trial.user_attrs['refusals_at_least']}/{n} refusals "
+                    f"(KL {trial.values[1]:.3f}: a finished trial already does as well at a lower KL)")
+        elif trial.user_attrs.get("cut_short"):
             line = f"trial {trial.number}: cut short (KL {trial.values[1]:.3f} cannot reach the front)"
         else:
             text, band = _describe(trial, n)
