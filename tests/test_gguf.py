@@ -170,7 +170,8 @@ def test_one_command_pipeline_run_gguf_ollama_and_resume(qwen_dir, tmp_path, mon
     args = ["run", str(qwen_dir), "--name", "tiny-qwen", "--export", "gguf,ollama", "--quant", "q8_0", "--trials", "2",
             "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "3",
             "--harmful", "harmful.txt", "--harmless", "harmless.txt", "--judge", "phrase"]
-    env = {"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2"}
+    # random start: on a random 3-layer model the warm-start ablations overshoot max_kl and would be cut short
+    env = {"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2", "ABLITERATE_SPACE__WARM_START": "[]"}
     result = CliRunner(env=env).invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = tmp_path / "abliterate-tiny-qwen"
@@ -200,8 +201,8 @@ def test_run_on_a_gguf_writes_a_gguf(qwen_gguf, tmp_path, monkeypatch):
     args = ["run", str(qwen_gguf), "-o", "out", "--trials", "2", "--startup-trials", "2", "--tune-prompts", "3",
             "--eval-prompts", "3", "--max-new-tokens", "3", "--harmful", "harmful.txt", "--harmless", "harmless.txt",
             "--judge", "phrase", "--dtype", "float32"]
-    result = CliRunner(env={"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2"}).invoke(
-        main, args, catch_exceptions=False)
+    result = CliRunner(env={"ABLITERATE_DIRECTION_PROMPTS": "4", "ABLITERATE_KL_TOKENS": "2",
+                            "ABLITERATE_SPACE__WARM_START": "[]"}).invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "abliteration.json").read_text())
     written = tmp_path / "out" / record["gguf"]["file"]
