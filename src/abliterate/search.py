@@ -52,6 +52,11 @@ def advice(refusal_rate: float, kl: float, degenerate: int) -> list[str]:
     return tips
 
 
+def _distance_range(space: SearchSpace, n_layers: int) -> tuple[float, float]:
+    """min_weight_distance in layers (at least half a layer, so a kernel always reaches its peak's layer)."""
+    return max(space.min_weight_distance[0] * n_layers, 0.5), max(space.min_weight_distance[1] * n_layers, 0.5)
+
+
 def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> AblationParams:
     """Sample one parameter set; positions are sampled in layers, from fractions of depth in `space`."""
     last = n_layers - 1
@@ -65,8 +70,7 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> Ab
         position = trial.suggest_float(f"{kind}.max_weight_position", space.max_weight_position[0] * last,
                                        space.max_weight_position[1] * last)
         min_fraction = trial.suggest_float(f"{kind}.min_weight", *space.min_weight)
-        distance = trial.suggest_float(f"{kind}.min_weight_distance", max(space.min_weight_distance[0] * n_layers, 0.5),
-                                       max(space.min_weight_distance[1] * n_layers, 0.5))
+        distance = trial.suggest_float(f"{kind}.min_weight_distance", *_distance_range(space, n_layers))
         components[kind] = ComponentParams(index, Kernel(max_weight, position, min_fraction * max_weight, distance))
     return AblationParams(components, norm_preserving)
 
@@ -86,14 +90,13 @@ def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
         index = clip(depth, *space.direction_index) * last
         params = {"direction_scope": "global", "direction_index": index,
                   "norm_preserving": False if False in space.norm_preserving else space.norm_preserving[0]}
+        position = clip(depth, *space.max_weight_position) * last
+        reach = max(position, last - position)  # the distance that covers every layer from the peak
         for kind in space.components:
-            position = clip(depth, *space.max_weight_position) * last
-            reach = max(position, last - position)  # the distance that covers every layer from the peak
             params |= {f"{kind}.max_weight": clip(1.0, *space.max_weight),
                        f"{kind}.max_weight_position": position,
                        f"{kind}.min_weight": clip(1.0, *space.min_weight),
-                       f"{kind}.min_weight_distance": clip(reach, max(space.min_weight_distance[0] * n_layers, 0.5),
-                                                           max(space.min_weight_distance[1] * n_layers, 0.5))}
+                       f"{kind}.min_weight_distance": clip(reach, *_distance_range(space, n_layers))}
         trials.append(params)
     return trials
 
@@ -169,7 +172,7 @@ def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: li
     storage = JournalStorage(JournalFileBackend(storage_path))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
                                 sampler=sampler, load_if_exists=True)
-    if not study.trials:
+    if not study.get_trials(deepcopy=False):
         for params in warm_start:
             study.enqueue_trial(params)
     return study
