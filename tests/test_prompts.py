@@ -25,6 +25,24 @@ def test_bundled_sets_have_disjoint_splits_and_no_overlap():
     assert not seen["harmful"] & seen["harmless"]
 
 
+def test_every_prefix_of_a_bundled_split_is_a_stratified_sample():
+    """Runs take the first N prompts of a split: those must represent every category in proportion. (The files were
+    once sorted by category, so 32 tune prompts were 32 cybercrime requests and the search never saw the rest.)"""
+    from collections import Counter
+
+    from abliterate.prompts import _bundled_path
+
+    for name in ("harmful", "harmless"):
+        rows = [json.loads(line) for line in _bundled_path(name).read_text().splitlines()]
+        for split in SPLITS:
+            categories = [row["category"] for row in rows if row["split"] == split]
+            share = {category: count / len(categories) for category, count in Counter(categories).items()}
+            for n in range(1, len(categories) + 1):
+                counts = Counter(categories[:n])
+                worst = max(abs(counts[category] - n * share[category]) for category in share)
+                assert worst <= 1.0, (name, split, n, counts)
+
+
 def test_file_formats(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\n  second  \n")
     assert load_prompts(str(tmp_path / "p.txt")) == ["first", "second"]

