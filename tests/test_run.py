@@ -211,12 +211,14 @@ def test_ctrl_c_keeps_the_finished_trials_and_says_how_to_continue(tiny_model_di
 
 def test_resume_continues_a_run_with_its_own_settings(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
-    assert invoke(run_args(tiny_model_dir, prompt_dir, out)).exit_code == 0  # 3 trials, settings from flags and TOML
+    started = CliRunner(env={"ABLITERATE_BATCH_SIZE": "2"}).invoke(main, run_args(tiny_model_dir, prompt_dir, out))
+    assert started.exit_code == 0, started.output  # 3 trials, settings from flags, TOML and the environment
     result = invoke(["run", "--resume", "-o", str(out), "--trials", "4", "--pick", "auto"])  # nothing else repeated
     assert result.exit_code == 0, result.output
     assert len(_finished(out)) == 4
     record = json.loads((out / "abliteration.json").read_text())
     assert record["trials_finished"] == 4 and record["settings"]["model"] == str(tiny_model_dir)
+    assert record["batch_size"] == 2  # the batches the first trials were measured with
     assert (record["settings"]["tune_prompts"], record["settings"]["kl_tokens"], record["settings"]["max_new_tokens"]) == (3, 2, 4)
 
     empty = tmp_path / "empty"

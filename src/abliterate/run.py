@@ -148,6 +148,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         hooks.status("choosing the batch size (the fastest that fits)")
         batch_size = choose_batch_size(loaded.model, loaded.tokenizer, fmt(prompts.tune[0]), settings.max_batch_size,
                                        settings.max_new_tokens)
+    if "batch_size" not in state:  # given or chosen: a resume without the flag measures with the same batches
         state["batch_size"] = batch_size
         _write_json(output / RUN_FILE, state)
 
