@@ -164,17 +164,24 @@ def _finished(out) -> list:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _long_run_command(model_dir, prompt_dir, out) -> list[str]:
+    """A 40-trial run in a subprocess: long enough to be stopped part-way."""
+    args = run_args(model_dir, prompt_dir, out, "--pick", "auto")
+    args[args.index("--trials") + 1] = "40"
+    return [sys.executable, "-m", "abliterate.cli", *args]
+
+
+def _wait_for_finished_trials(out, count: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ((out / "study.journal").exists() and len(_finished(out)) >= count):
+        time.sleep(0.5)
+
+
 def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
-    args = run_args(tiny_model_dir, prompt_dir, out, "--pick", "auto")
-    args[args.index("--trials") + 1] = "40"
-    command = [sys.executable, "-m", "abliterate.cli", *args]
+    command = _long_run_command(tiny_model_dir, prompt_dir, out)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if (out / "study.journal").exists() and len(_finished(out)) >= 4:
-            break
+    _wait_for_finished_trials(out, 4)
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = {t.number: t.params for t in _finished(out)}
@@ -191,13 +198,9 @@ def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, pr
 
 def test_ctrl_c_keeps_the_finished_trials_and_says_how_to_continue(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
-    args = run_args(tiny_model_dir, prompt_dir, out, "--pick", "auto")
-    args[args.index("--trials") + 1] = "40"
-    process = subprocess.Popen([sys.executable, "-m", "abliterate.cli", *args], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_long_run_command(tiny_model_dir, prompt_dir, out), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "study.journal").exists() and len(_finished(out)) >= 2):
-        time.sleep(0.5)
+    _wait_for_finished_trials(out, 2)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
