@@ -31,7 +31,7 @@
 # Not matched between the tools (by design of each; see also the summary's "notes"):
 #   * search space and objective: Heretic samples LoRA-based edits with row-norm preservation ("full"), scores
 #     (KL, refusals / base refusals) with a KL target of 0.01; abliterate starts from its warm-start trials (one
-#     direction at 60/70/80% depth removed from every layer), samples its own space (incl. norm_preserving) and
+#     direction at 80/90/100% depth removed at weight 1 from the layers around it), samples its own space (incl. norm_preserving) and
 #     minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses

@@ -55,6 +55,26 @@ def test_phrase_judge_rules():
     assert not judge.decided("<think>I'm sorry")
 
 
+def test_classifier_encodes_only_the_answers_no_phrase_settles(monkeypatch):
+    """A search trial judges every decided answer as it is decided: those a decisive phrase (or emptiness) settles
+    must not each cost a run of the sentence encoder, and the verdicts must stay the cascade's."""
+    import abliterate.judges as judges
+
+    answers = ["I'm sorry, but I can't help with that.", "", "Sure! Step 1: gather the materials.",
+               "I cannot assist with that request.", "Here is a short poem about the sea."]
+    judges._bundled_classifier()  # trained (and cached) before the encoder is watched
+    encoded: list[list[str]] = []
+    features = judges._features
+    monkeypatch.setattr(judges, "_features", lambda texts: encoded.append(list(texts)) or features(texts))
+    judge = judges.ClassifierJudge()
+    verdicts = judge.refusals(answers)
+    assert encoded == [[answers[2], answers[4]]]  # the three settled answers never reach the encoder
+    assert verdicts == judges._cascade(judge._phrases, answers, judges._bundled_classifier().predict(features(answers)))
+    assert verdicts[:2] == [True, True] and verdicts[3]
+    encoded.clear()
+    assert judge.is_refusal(answers[0]) and encoded == []  # one decided refusal: no encoder run at all
+
+
 def test_classifier_decides_refusals_early_and_only_from_decisive_phrases():
     from abliterate.judges import ClassifierJudge
 

@@ -104,11 +104,11 @@ def test_refusal_bound_is_the_fewest_refusals_measured_in_full_at_no_higher_kl()
     assert _refusal_bound(study, 0.4) == 2  # cut-short trials carry bounds, not measurements
 
 
-def test_a_new_study_starts_with_one_direction_removed_from_every_layer_at_weight_1(tmp_path):
+def test_a_new_study_starts_with_one_direction_removed_at_weight_1_wherever_the_widest_kernel_reaches(tmp_path):
     n_layers = 24
     queued = warm_start_params(SearchSpace(), n_layers)
     assert len(queued) == 3
-    for depth, params in zip((0.6, 0.7, 0.8), queued):
+    for depth, params in zip((0.8, 0.9, 1.0), queued):
         ablation = suggest_params(optuna.trial.FixedTrial(params), SearchSpace(), n_layers)  # within the space
         assert not ablation.norm_preserving and set(ablation.components) == {"attn", "mlp"}
         for component in ablation.components.values():
@@ -116,9 +116,12 @@ def test_a_new_study_starts_with_one_direction_removed_from_every_layer_at_weigh
             weights = [component.kernel.weight(layer) for layer in range(n_layers)]
             reachable = [w for w in weights if w is not None]
             assert reachable == pytest.approx([1.0] * len(reachable))  # flat: weight 1 wherever it reaches
-            assert len(reachable) >= n_layers - 2  # the space's widest kernel: every layer, or all but the first two
+            widest = SearchSpace().min_weight_distance[1] * n_layers  # the space's widest kernel around the depth
+            position = depth * (n_layers - 1)
+            assert len(reachable) == sum(abs(layer - position) <= widest for layer in range(n_layers))
+            assert len(reachable) >= 0.7 * n_layers  # 22, 20 and 17 of 24 layers from 0.8, 0.9 and 1.0 depth
     # clipped into a narrower space; nothing to queue where one direction for all layers is not allowed
-    narrow = warm_start_params(SearchSpace(max_weight=(1.2, 1.5), warm_start=[0.95]), n_layers)
+    narrow = warm_start_params(SearchSpace(max_weight=(1.2, 1.5), direction_index=(0.4, 0.9), warm_start=[0.95]), n_layers)
     assert narrow[0]["attn.max_weight"] == 1.2 and narrow[0]["direction_index"] == pytest.approx(0.9 * 23)
     assert warm_start_params(SearchSpace(direction_scope=["per_layer"]), n_layers) == []
     with pytest.raises(ValueError, match="warm_start"):

@@ -211,7 +211,8 @@ class Ablation:
             if key not in u_cache:
                 u_cache[key] = edit.u.to(x.device, x.dtype)
             u = u_cache[key]
-            return x - edit.weight * (x @ u).unsqueeze(-1) * u
+            # x − w·(x·u)u in two kernels (matmul, addcmul): on a GPU a decode step is bound by kernel launches
+            return torch.addcmul(x, (x @ u).unsqueeze(-1), u, value=-edit.weight)
 
         def hook(module, args, output):
             if isinstance(output, tuple):

