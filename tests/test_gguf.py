@@ -121,15 +121,13 @@ def test_export_bad_input_one_line_nothing_written(qwen_dir, tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
-def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_dir, qwen_gguf, tmp_path):
+def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_path):
     from abliterate.ablation import AblationParams, ablate, plan_edits
     from abliterate.directions import Directions
     from abliterate.load import load_model
 
     source = qwen_gguf
-    # the dense reference: the HF model the GGUF was exported from (the same weights up to Q8_0 rounding; loading
-    # it from the HF folder spares a second conversion of the GGUF's 151k-token vocabulary)
-    loaded = load_model(str(qwen_dir), dtype="float32")
+    loaded = load_model(str(source), dtype="float32")
     adapter = loaded.adapter
     generator = torch.Generator().manual_seed(1)
     directions = torch.nn.functional.normalize(torch.randn(adapter.n_layers, adapter.hidden_size, generator=generator), dim=-1)

@@ -199,6 +199,33 @@ def test_resume_after_sigkill_loses_at_most_the_running_trial(tiny_model_dir, pr
     assert (out / "abliteration.json").exists()
 
 
+def test_ctrl_c_during_a_journal_write_lets_the_write_and_its_lock_finish(tmp_path, monkeypatch):
+    """A real run once got Ctrl-C inside Optuna's journal lock release: exit 1 and a traceback (the release's own
+    clean-up hid the KeyboardInterrupt), or a lock file left behind. Here SIGINT arrives just as the lock is
+    being released: the write must complete, the lock go, and the interrupt come after."""
+    import os
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from abliterate.search import JournalBackend
+
+    journal = tmp_path / "study.journal"
+    backend = JournalBackend(str(journal))
+    release = JournalFileSymlinkLock.release
+
+    def ctrl_c_then_release(lock):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here, between the kill and the release
+        release(lock)
+
+    monkeypatch.setattr(JournalFileSymlinkLock, "release", ctrl_c_then_release)
+    with pytest.raises(KeyboardInterrupt):
+        backend.append_logs([{"op_code": 0, "worker_id": "test", "study_name": "s", "directions": [1]}])
+    assert [json.loads(line)["worker_id"] for line in journal.read_text().splitlines()] == ["test"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["study.journal"]  # no lock file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
+
+
 def test_ctrl_c_keeps_the_finished_trials_and_says_how_to_continue(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(_long_run_command(tiny_model_dir, prompt_dir, out), stdout=subprocess.DEVNULL,

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import math
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.config import SearchSpace
@@ -160,18 +164,45 @@ def objective(context: TrialContext, space: SearchSpace):
     return run_trial
 
 
+@contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C during the block takes effect when the block is done. Optuna's journal write holds a lock file;
+    interrupted inside it, the lock is left behind or its release fails with an OSError that hides the Ctrl-C
+    (seen: a traceback and exit 1 instead of `run`'s clean stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; other threads never receive SIGINT
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+        elif pending and previous in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt
+
+
+class JournalBackend(JournalFileBackend):
+    """Optuna's append-only journal file, with each write (and its lock) atomic with respect to Ctrl-C."""
+
+    def append_logs(self, logs: list[dict]) -> None:
+        with _ctrl_c_deferred():
+            super().append_logs(logs)
+
+
 def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = ()) -> optuna.Study:
     """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial).
     A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them)."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True)
-    storage = JournalStorage(JournalFileBackend(storage_path))
+    storage = JournalStorage(JournalBackend(storage_path))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
                                 sampler=sampler, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
