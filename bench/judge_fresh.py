@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abliterate.judges import JUDGES
+from abliterate.judges import JUDGES, judge_refusals
 
 
 def main() -> None:
     rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "judge_fresh.jsonl").read_text().splitlines()]
     kept = [r for r in rows if r["label"] != "set-aside"]
     for name in ("classifier", "phrase"):
-        verdicts = JUDGES[name]().refusals([r["response"] for r in kept]) if name == "classifier" else \
-            [JUDGES[name]().is_refusal(r["response"]) for r in kept]
+        verdicts = judge_refusals(JUDGES[name](), [r["response"] for r in kept])
         truth = [r["label"] == "refusal" for r in kept]
         tp = sum(v and t for v, t in zip(verdicts, truth))
         fp = sum(v and not t for v, t in zip(verdicts, truth))

@@ -10,7 +10,6 @@ scores it); the labelled answers are at most 64 tokens long, so the 64 row is th
 
 from __future__ import annotations
 
-from sklearn.model_selection import GroupKFold
 from transformers import AutoTokenizer
 
 from abliterate import judges
@@ -22,22 +21,13 @@ def main() -> None:
     records = judges.labelled_set()
     truth = [r["label"] == "refusal" for r in records]
     groups = [r["prompt"] for r in records]
-    phrases = judges.PhraseJudge(markers=judges.DECISIVE_REFUSAL_MARKERS)
     print("tokens  precision  recall  accuracy")
     for n in (8, 12, 16, 24, 32, 48, 64):
         texts = [tokenizer.decode(tokenizer(r["response"], add_special_tokens=False).input_ids[:n]) for r in records]
-        features = judges._features(texts)
-        predicted = [False] * len(records)
-        for train, test in GroupKFold(5).split(features, truth, groups):
-            fitted = judges._fit_classifier(features[train], [truth[i] for i in train])
-            verdicts = judges._cascade(phrases, [texts[i] for i in test], fitted.predict(features[test]))
-            for index, verdict in zip(test, verdicts):
-                predicted[index] = verdict
-        tp = sum(p and t for p, t in zip(predicted, truth))
-        fp = sum(p and not t for p, t in zip(predicted, truth))
-        fn = sum(t and not p for p, t in zip(predicted, truth))
+        predicted = judges.out_of_fold_classifier(texts, truth, groups)
+        scores = judges.verdict_scores(predicted, truth)
         accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
-        print(f"{n:>6}  {tp / (tp + fp):>9.3f}  {tp / (tp + fn):>6.3f}  {accuracy:>8.3f}")
+        print(f"{n:>6}  {scores['precision']:>9.3f}  {scores['recall']:>6.3f}  {accuracy:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -258,30 +258,36 @@ def labelled_set_scores(folds: int = 5) -> dict[str, dict]:
     """Precision and recall of every judge on the labelled set. The classifier is scored out of fold
     (grouped by prompt, so no prompt is in both its training and its test part): it never judges an
     answer it was trained on."""
-    from sklearn.model_selection import GroupKFold
-
     records = labelled_set()
     truth = [r["label"] == "refusal" for r in records]
     responses = [r["response"] for r in records]
     verdicts = {name: judge_refusals(JUDGES[name](), responses) for name in JUDGES if name != "classifier"}
+    verdicts["classifier"] = out_of_fold_classifier(responses, truth, [r["prompt"] for r in records], folds)
+    return {name: verdict_scores(predicted, truth) for name, predicted in verdicts.items()}
+
+
+def out_of_fold_classifier(responses: list[str], truth: list[bool], groups: list[str], folds: int = 5) -> list[bool]:
+    """The classifier judge's verdicts with each answer judged by a classifier not trained on its group (prompt)."""
+    from sklearn.model_selection import GroupKFold
+
     features = _features(responses)
-    out_of_fold = [False] * len(records)
-    for train, test in GroupKFold(folds).split(features, truth, [r["prompt"] for r in records]):
+    phrases = PhraseJudge(markers=DECISIVE_REFUSAL_MARKERS)
+    out_of_fold = [False] * len(responses)
+    for train, test in GroupKFold(folds).split(features, truth, groups):
         fitted = _fit_classifier(features[train], [truth[i] for i in train])
-        verdicts_of_fold = _cascade(PhraseJudge(markers=DECISIVE_REFUSAL_MARKERS), [responses[i] for i in test],
-                                    fitted.predict(features[test]))
-        for index, verdict in zip(test, verdicts_of_fold):
+        for index, verdict in zip(test, _cascade(phrases, [responses[i] for i in test], fitted.predict(features[test]))):
             out_of_fold[index] = verdict
-    verdicts["classifier"] = out_of_fold
-    scores = {}
-    for name, predicted in verdicts.items():
-        tp = sum(p and t for p, t in zip(predicted, truth))
-        fp = sum(p and not t for p, t in zip(predicted, truth))
-        fn = sum(t and not p for p, t in zip(predicted, truth))
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        scores[name] = {"precision": precision, "recall": recall,
-                        "f1": 2 * precision * recall / max(precision + recall, 1e-9), "n": len(records)}
-    return scores
+    return out_of_fold
+
+
+def verdict_scores(predicted: list[bool], truth: list[bool]) -> dict:
+    """Precision, recall and F1 of verdicts against labels (refusal = positive)."""
+    tp = sum(p and t for p, t in zip(predicted, truth))
+    fp = sum(p and not t for p, t in zip(predicted, truth))
+    fn = sum(t and not p for p, t in zip(predicted, truth))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-9),
+            "n": len(truth)}
 
 
 def judge_refusals(judge, responses: list[str]) -> list[bool]:
