@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCH_CONFIGS, build_tiny_model
 
 from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, bake, plan_edits
 from abliterate.arch import adapter_for
 from abliterate.errors import UserError
-from conftest import ARCH_CONFIGS, build_tiny_model
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
 

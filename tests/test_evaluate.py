@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
 
 from abliterate.ablation import AblationParams, ablate, plan_edits
 from abliterate.arch import adapter_for
 from abliterate.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
 from abliterate.judges import PhraseJudge
-from conftest import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from abliterate.cli import main
 from abliterate.evaluate import generate
 from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
+from abliterate.gguf_reader import GGUFReader
 
 pytest.importorskip("llama_cpp")
 PROMPTS = ["Write a haiku about rain.", "What is the capital of France?", "Give me three tips for sleep.",
@@ -81,7 +82,7 @@ def test_export_f16_matches_transformers_and_carries_the_chat_template(qwen_dir,
                                        "--verify-prompts", "4", "--verify-tokens", "4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "first greedy token agrees on 4/4" in result.output
-    fields = gguf.GGUFReader(out).fields
+    fields = GGUFReader(out).fields
     template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
     assert template == (qwen_dir / "chat_template.jinja").read_text()
     agreement = hf_and_llama_cpp(qwen_dir, out)
@@ -97,7 +98,7 @@ def test_quantised_exports_load_and_mostly_agree(qwen_dir, tmp_path, quant):
     assert result.exit_code == 0, result.output
     # llama_ftype of the file (7: Q8_0, 15: Q4_K_M; rows of 64 are too short for K-quants, so llama.cpp's
     # quantiser falls back to Q5_0/Q8_0 inside it, as it does for real models' odd-sized tensors)
-    file_type = int(gguf.GGUFReader(out).fields["general.file_type"].parts[-1][0])
+    file_type = int(GGUFReader(out).fields["general.file_type"].parts[-1][0])
     assert file_type == {"q8_0": 7, "q4_k_m": 15}[quant]
     agreement = hf_and_llama_cpp(qwen_dir, out)
     print(f"{quant}: first tokens {agreement.first_token_matches}/{agreement.prompts}, tokens {agreement.token_rate:.0%}")
@@ -138,7 +139,7 @@ def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_pa
     assert result.exit_code == 0, result.output
     assert "6 tensors re-encoded" in result.output
 
-    before, after = gguf.GGUFReader(source), gguf.GGUFReader(edited)
+    before, after = GGUFReader(source), GGUFReader(edited)
     assert list(before.fields) == list(after.fields)
     for name, field in before.fields.items():
         assert [bytes(p) for p in field.parts] == [bytes(p) for p in after.fields[name].parts], name
@@ -197,9 +198,40 @@ def test_run_on_a_gguf_writes_a_gguf(qwen_gguf, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "abliteration.json").read_text())
     written = tmp_path / "out" / record["gguf"]["file"]
-    before, after = gguf.GGUFReader(qwen_gguf), gguf.GGUFReader(written)
+    before, after = GGUFReader(qwen_gguf), GGUFReader(written)
     changed = {old.name for old, new in zip(before.tensors, after.tensors, strict=True)
                if old.data.tobytes() != new.data.tobytes()}
     assert changed and changed <= {f"blk.{i}.{t}.weight" for i in range(3) for t in ("attn_output", "ffn_down")}
     assert record["gguf"]["tensors_edited"] >= len(changed)
     assert llama_cpp_greedy(written, [[1, 2, 3]], 2)  # llama.cpp loads and generates
+
+
+def test_fast_reader_parses_exactly_what_gguf_reads(tmp_path):
+    """abliterate's GGUFReader (a plain-array view instead of memmap slices) gives the same fields and tensors, and
+    lends itself to transformers only inside `fast_gguf_parsing()`."""
+    import numpy as np
+
+    from abliterate.gguf_reader import fast_gguf_parsing
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    writer.add_token_scores([float(i) for i in range(300)])
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.add_tensor("b.weight", np.ones((2, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    slow, fast = gguf.GGUFReader(path), GGUFReader(path)
+    assert list(slow.fields) == list(fast.fields)
+    for name, field in slow.fields.items():
+        assert [bytes(p) for p in field.parts] == [bytes(p) for p in fast.fields[name].parts], name
+        assert field.contents() == fast.fields[name].contents()
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in slow.tensors] == \
+           [(t.name, t.tensor_type, t.data.tobytes()) for t in fast.tensors]
+    with fast_gguf_parsing():
+        assert gguf.GGUFReader is GGUFReader
+    assert gguf.GGUFReader is not GGUFReader

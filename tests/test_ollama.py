@@ -22,6 +22,8 @@ from click.testing import CliRunner
 from conftest import build_tiny_tokenizer
 
 from abliterate.cli import main
+from abliterate.errors import UserError
+from abliterate.gguf_reader import GGUFReader
 from abliterate.ollama import (
     MODELFILE_NAME,
     ChatTemplate,
@@ -33,7 +35,6 @@ from abliterate.ollama import (
     read_hf_chat_template,
     translate,
 )
-from abliterate.errors import UserError
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "chat_templates"
@@ -368,13 +369,12 @@ def invoke(*args):
 
 
 def test_gguf_metadata_read(qwen_gguf, tmp_path):
-    import gguf
 
     chat = read_gguf_chat_template(qwen_gguf)
     assert chat.source == (TEMPLATES / "qwen2.5-instruct.jinja").read_text()
     assert (chat.bos_token, chat.eos_token) == ("<s>", "<|im_end|>")
     # our header reader agrees with gguf's own reader on every key
-    reader = gguf.GGUFReader(qwen_gguf)
+    reader = GGUFReader(qwen_gguf)
     keys = {key for key in reader.fields if not key.startswith("GGUF.")}
     ours = gguf_metadata(qwen_gguf, keys)
     assert ours == {key: reader.fields[key].contents() for key in keys}

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ARCH_CONFIGS, VISION_LANGUAGE, build_tiny_model, build_tiny_tokenizer
 
 from abliterate import prefix as prefix_module
 from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
@@ -14,7 +15,6 @@ from abliterate.arch import adapter_for
 from abliterate.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
 from abliterate.judges import PhraseJudge
 from abliterate.prefix import PrefixCache, plan_stops
-from conftest import ARCH_CONFIGS, VISION_LANGUAGE, build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import build_tiny_tokenizer
 
 from abliterate.errors import UserError
 from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, SPLITS, format_prompts, load_prompts
-from conftest import build_tiny_tokenizer
 
 
 def test_bundled_sets_have_disjoint_splits_and_no_overlap():

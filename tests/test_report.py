@@ -9,14 +9,13 @@ import random
 import pytest
 import torch
 from conftest import invoke
+from test_compare import screenshot, svg_titles
 
 from abliterate.ablation import AblationParams
 from abliterate.config import SearchSpace
 from abliterate.directions import Directions
-from abliterate.report import (TITLE_FRONT, TITLE_IMPORTANCE, TITLE_STRENGTH, TITLE_TIME, TITLE_WEIGHTS, kernel_curves,
-                               pareto_mask, run_report)
+from abliterate.report import TITLE_FRONT, TITLE_IMPORTANCE, TITLE_STRENGTH, TITLE_TIME, TITLE_WEIGHTS, kernel_curves, pareto_mask, run_report
 from abliterate.search import open_study, suggest_params
-from test_compare import screenshot, svg_titles
 
 N_LAYERS, HIDDEN, TUNE = 8, 16, 16
 

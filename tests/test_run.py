@@ -12,13 +12,12 @@ import time
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import pty_run
 
 from abliterate.cli import main
-from abliterate.config import RunSettings, default_toml, load_settings
+from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.config import SearchSpace
 from abliterate.search import _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
-from conftest import pty_run
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 

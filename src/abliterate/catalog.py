@@ -410,7 +410,9 @@ class ModelConfig:
 
 def read_gguf(path: Path) -> ModelConfig:
     """An HF-like config from a GGUF header (`<arch>.block_count`, `embedding_length`, ...), plus the tensors' bytes."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
+
+    from abliterate.gguf_reader import GGUFReader
 
     try:
         reader = GGUFReader(path)

@@ -76,8 +76,10 @@ def write_edited_gguf(source: str | Path, out_file: str | Path, model, edited_pa
     """Copy `source` to `out_file` with the tensors of `edited_params` (already edited in `model`) re-encoded."""
     import gguf
 
+    from abliterate.gguf_reader import GGUFReader
+
     source, out_file = Path(source), Path(out_file)
-    reader = gguf.GGUFReader(source)
+    reader = GGUFReader(source)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     n_blocks = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
     names = _hf_to_gguf_names(model, arch, n_blocks)

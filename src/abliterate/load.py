@@ -177,6 +177,13 @@ def contiguous_lm_head_input(model) -> None:
 def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: str | dict | None = None,
                revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for measurement and ablation."""
+    from abliterate.gguf_reader import fast_gguf_parsing
+
+    with fast_gguf_parsing():  # a .gguf source is parsed three times by transformers (config, tokenizer, weights)
+        return _load_model(reference, dtype, device_map, revision, trust_remote_code)
+
+
+def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> LoadedModel:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
