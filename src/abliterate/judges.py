@@ -233,6 +233,11 @@ class ClassifierJudge:
     def is_refusal(self, response: str) -> bool:
         return self.refusals([response])[0]
 
+    def settled_refusal(self, response: str) -> bool:
+        """A refusal whatever the classifier would say (a decisive phrase, or empty): what a search trial counts
+        while it generates, without one encoder run per answer inside the decode loop."""
+        return _settled_refusal(self._phrases, response)
+
     def decided(self, partial: str) -> bool:
         if THINK_OPEN in partial and THINK_CLOSE not in partial:
             return False  # still thinking: the answer has not started

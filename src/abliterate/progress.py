@@ -26,6 +26,7 @@ class RunDisplay(Hooks):
                                  console=self.console, transient=False)
         self.task = None
         self.best_history: list[float] = []
+        self.upload_repo: str | None = None  # chosen interactively: push the saved model to this Hub repository
 
     def __enter__(self):
         self.progress.start()
@@ -89,8 +90,13 @@ class RunDisplay(Hooks):
         numbers = {t.number: t for t in pareto_front(study)}
         number = click.prompt("Trial to use (* is recommended)", default=recommended.number, type=click.Choice(
             [str(n) for n in numbers]), show_choices=False, value_proc=int, err=True)
-        action = click.prompt("[s]ave, [c]hat with it, [m]ore trials, [q]uit", default="s",
-                              type=click.Choice(["s", "c", "m", "q"]), err=True)
+        action = click.prompt("[s]ave, [u]pload to the Hub (saved first), [c]hat with it, [m]ore trials, [q]uit",
+                              default="s", type=click.Choice(["s", "u", "c", "m", "q"]), err=True)
+        if action == "u":
+            from abliterate.publish import check_repo_id
+
+            self.upload_repo = click.prompt("Hub repository (user/name)", value_proc=_checked(check_repo_id), err=True)
+            return numbers[number], "save"
         if action == "m":
             more = click.prompt("How many more trials", default=10, type=click.IntRange(1), err=True)
             self.progress.start()
@@ -122,3 +128,17 @@ class RunDisplay(Hooks):
         for tip in advice(held_out["refusals"] / max(held_out["total"], 1), held_out["kl"], held_out["degenerate"]):
             out.print(f"tip: {tip}")
         out.print(f"next: abliterate eval {result.output}", soft_wrap=True)
+
+
+def _checked(check):
+    """A click value_proc from a checker that raises UserError: the prompt asks again, saying why."""
+    from abliterate.errors import UserError
+
+    def process(value: str) -> str:
+        try:
+            check(value)
+        except UserError as error:
+            raise click.UsageError(str(error)) from None
+        return value
+
+    return process
