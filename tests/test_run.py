@@ -17,7 +17,7 @@ from conftest import pty_run
 from abliterate.cli import main
 from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.search import _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
+from abliterate.search import COUNTED_ATTR, _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -136,6 +136,28 @@ def test_a_new_study_starts_with_one_direction_removed_at_weight_1_wherever_the_
     again = open_study(journal, 0, 2, queued)
     waiting = again.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"] for t in waiting] == [pytest.approx(q) for q in queued[1:]]
+
+
+def test_focus_makes_the_sampler_refine_the_trials_that_remove_refusals(tmp_path):
+    """A toy front where every trial is Pareto-optimal: strength s removes refusals (100·(1 − s)) at KL s².
+    Unfocused, TPE spreads its trials along the whole front, the barely-ablated end included; focused on trials
+    keeping at most 20 refusals, it spends most of them where those are (s >= 0.8)."""
+
+    def strong_share(refusal_ceiling):
+        study = open_study(str(tmp_path / f"focus-{refusal_ceiling}.journal"), 0, 10, refusal_ceiling=refusal_ceiling)
+        chosen = []
+        for _ in range(50):
+            trial = study.ask()
+            strength = trial.suggest_float("strength", 0, 1)
+            refusals = round(100 * (1 - strength))
+            trial.set_user_attr(COUNTED_ATTR, refusals)  # as `objective` records it
+            study.tell(trial, [refusals, strength**2])
+            chosen.append(strength)
+        tpe_phase = chosen[10:]
+        return sum(s >= 0.8 for s in tpe_phase) / len(tpe_phase)
+
+    unfocused, focused = strong_share(None), strong_share(20)
+    assert focused >= 0.6 and focused >= unfocused + 0.25, (unfocused, focused)
 
 
 def test_pick_rules():

@@ -89,6 +89,8 @@ class RunSettings(BaseSettings):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
     kl_tokens: int = Field(16, ge=0, description="Tokens of the base's continuation for the reported multi-token KL.")
     max_kl: float = Field(1.0, gt=0, description="Trials whose KL exceeds this are cut short (no generation).")
+    focus: float = Field(0.5, ge=0, le=1, description="The sampler refines trials that keep at most this share of the "
+                         "base model's tune refusals; the rest still count and can be picked (1: no focus).")
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
     batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")

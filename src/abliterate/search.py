@@ -36,6 +36,7 @@ from abliterate.prefix import PrefixCache
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
 STUDY_NAME = "abliterate"
+COUNTED_ATTR = "counted_refusals"  # a trial's first objective: refusals + gibberish, or the cut-short value
 
 
 def quality_band(refusal_rate: float, kl: float) -> str:
@@ -134,7 +135,12 @@ def objective(context: TrialContext, space: SearchSpace):
     loaded = context.loaded
     total = len(context.tune_harmful)
 
-    def run_trial(trial: optuna.Trial):
+    def run_trial(trial: optuna.Trial) -> tuple[float, float]:
+        values = measure_trial(trial)
+        trial.set_user_attr(COUNTED_ATTR, values[0])  # what the sampler's focus constraint reads
+        return values
+
+    def measure_trial(trial: optuna.Trial) -> tuple[float, float]:
         params = suggest_params(trial, space, loaded.adapter.n_layers)
         trial.set_user_attr("params", params.to_dict())
         edits = plan_edits(loaded.adapter, context.directions, params)
@@ -192,16 +198,34 @@ class JournalBackend(JournalFileBackend):
             super().append_logs(logs)
 
 
-def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = ()) -> optuna.Study:
+def focus_constraint(refusal_ceiling: float):
+    """Optuna constraint (> 0: infeasible) for trials that keep more than `refusal_ceiling` refusals. Why: TPE
+    models its "good" trials on the best few by Pareto rank and hypervolume, which rewards spread along the whole
+    front -- including its near-zero-KL end where an ablation barely changes the model and most refusals stay.
+    Nobody picks from there; marking it infeasible makes the sampler refine the end users choose from. Such
+    trials are still recorded, on the front and pickable."""
+
+    def constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
+        counted = trial.user_attrs.get(COUNTED_ATTR)
+        return [1e6 if counted is None else counted - refusal_ceiling]
+
+    return constraint
+
+
+def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = (),
+               refusal_ceiling: float | None = None) -> optuna.Study:
     """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial).
-    A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them)."""
+    A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them).
+    With `refusal_ceiling`, the sampler focuses on trials with at most that many refusals (`focus_constraint`)."""
     from optuna.storages import JournalStorage
 
     import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True)
+    constraints = None if refusal_ceiling is None else focus_constraint(refusal_ceiling)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
+                                         constraints_func=constraints)
     storage = JournalStorage(JournalBackend(storage_path))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
                                 sampler=sampler, load_if_exists=True)
