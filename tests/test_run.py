@@ -17,7 +17,7 @@ from conftest import pty_run
 from abliterate.cli import main
 from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.search import COUNTED_ATTR, _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
+from abliterate.search import CONSTRAINTS_KEY, COUNTED_ATTR, _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -158,6 +158,12 @@ def test_focus_makes_the_sampler_refine_the_trials_that_remove_refusals(tmp_path
 
     unfocused, focused = strong_share(None), strong_share(20)
     assert focused >= 0.6 and focused >= unfocused + 0.25, (unfocused, focused)
+    # finished trials carry their constraint value, so a resume keeps the focus...
+    resumed = open_study(str(tmp_path / "focus-20.journal"), 0, 10, refusal_ceiling=20)
+    assert resumed.sampler._constraints_func is not None
+    assert all(t.system_attrs[CONSTRAINTS_KEY] == [t.values[0] - 20] for t in resumed.trials)
+    # ...while a study begun without focus stays unfocused (TPE would rank its unconstrained trials last)
+    assert open_study(str(tmp_path / "focus-None.journal"), 0, 10, refusal_ceiling=20).sampler._constraints_func is None
 
 
 def test_pick_rules():

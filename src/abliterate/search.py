@@ -36,6 +36,7 @@ from abliterate.prefix import PrefixCache
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
 STUDY_NAME = "abliterate"
+CONSTRAINTS_KEY = "constraints"  # where Optuna's samplers keep a trial's constraint values (system attrs)
 COUNTED_ATTR = "counted_refusals"  # a trial's first objective: refusals + gibberish, or the cut-short value
 
 
@@ -223,12 +224,17 @@ def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: li
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    constraints = None if refusal_ceiling is None else focus_constraint(refusal_ceiling)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
-                                         constraints_func=constraints)
+
+    def sampler(constraints=None):
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
+                                          constraints_func=constraints)
+
     storage = JournalStorage(JournalBackend(storage_path))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
-                                sampler=sampler, load_if_exists=True)
+                                sampler=sampler(), load_if_exists=True)
+    # A study begun without focus has no constraint values, and TPE would rank all its trials last: keep it unfocused.
+    if refusal_ceiling is not None and all(CONSTRAINTS_KEY in t.system_attrs for t in finished_trials(study)):
+        study.sampler = sampler(focus_constraint(refusal_ceiling))
     if not study.get_trials(deepcopy=False):
         for params in warm_start:
             study.enqueue_trial(params)
