@@ -17,7 +17,7 @@ from conftest import pty_run
 from abliterate.cli import main
 from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
 from abliterate.errors import UserError
-from abliterate.search import CONSTRAINTS_KEY, COUNTED_ATTR, _refusal_bound, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
+from abliterate.search import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -144,13 +144,13 @@ def test_focus_makes_the_sampler_refine_the_trials_that_remove_refusals(tmp_path
     keeping at most 20 refusals, it spends most of them where those are (s >= 0.8)."""
 
     def strong_share(refusal_ceiling):
-        study = open_study(str(tmp_path / f"focus-{refusal_ceiling}.journal"), 0, 10, refusal_ceiling=refusal_ceiling)
+        study = open_study(str(tmp_path / f"focus-{refusal_ceiling}.journal"), 0, 10)
         chosen = []
         for _ in range(50):
             trial = study.ask()
             strength = trial.suggest_float("strength", 0, 1)
             refusals = round(100 * (1 - strength))
-            trial.set_user_attr(COUNTED_ATTR, refusals)  # as `objective` records it
+            focus(trial, refusals, refusal_ceiling)  # as `objective` does
             study.tell(trial, [refusals, strength**2])
             chosen.append(strength)
         tpe_phase = chosen[10:]
@@ -158,12 +158,6 @@ def test_focus_makes_the_sampler_refine_the_trials_that_remove_refusals(tmp_path
 
     unfocused, focused = strong_share(None), strong_share(20)
     assert focused >= 0.6 and focused >= unfocused + 0.25, (unfocused, focused)
-    # finished trials carry their constraint value, so a resume keeps the focus...
-    resumed = open_study(str(tmp_path / "focus-20.journal"), 0, 10, refusal_ceiling=20)
-    assert resumed.sampler._constraints_func is not None
-    assert all(t.system_attrs[CONSTRAINTS_KEY] == [t.values[0] - 20] for t in resumed.trials)
-    # ...while a study begun without focus stays unfocused (TPE would rank its unconstrained trials last)
-    assert open_study(str(tmp_path / "focus-None.journal"), 0, 10, refusal_ceiling=20).sampler._constraints_func is None
 
 
 def test_pick_rules():

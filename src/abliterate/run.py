@@ -173,11 +173,11 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
             state["base"][split] = metrics.to_dict()
         _write_json(output / RUN_FILE, state)
 
-    refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
     study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials,
-                       warm_start_params(settings.space, loaded.adapter.n_layers), refusal_ceiling)
+                       warm_start_params(settings.space, loaded.adapter.n_layers))
+    refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
     context = TrialContext(loaded, directions.directions, tune_harmful, tune_baseline, judge, settings.max_new_tokens,
-                           batch_size, settings.max_kl)
+                           batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling)
     run_trial = objective(context, settings.space)
     total = len(tune_harmful)
     study.set_user_attr("tune_prompts", total)

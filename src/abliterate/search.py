@@ -36,8 +36,6 @@ from abliterate.prefix import PrefixCache
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
 STUDY_NAME = "abliterate"
-CONSTRAINTS_KEY = "constraints"  # where Optuna's samplers keep a trial's constraint values (system attrs)
-COUNTED_ATTR = "counted_refusals"  # a trial's first objective: refusals + gibberish, or the cut-short value
 
 
 def quality_band(refusal_rate: float, kl: float) -> str:
@@ -122,6 +120,7 @@ class TrialContext:
     batch_size: int
     max_kl: float
     harmful_prefix: PrefixCache = field(default_factory=PrefixCache)  # base states of the harmful prompts' prefills
+    refusal_ceiling: float | None = None  # `focus`: trials keeping more refusals are infeasible to the sampler
 
 
 def _refusal_bound(study: optuna.Study, kl: float) -> int | None:
@@ -138,7 +137,7 @@ def objective(context: TrialContext, space: SearchSpace):
 
     def run_trial(trial: optuna.Trial) -> tuple[float, float]:
         values = measure_trial(trial)
-        trial.set_user_attr(COUNTED_ATTR, values[0])  # what the sampler's focus constraint reads
+        focus(trial, values[0], context.refusal_ceiling)
         return values
 
     def measure_trial(trial: optuna.Trial) -> tuple[float, float]:
@@ -199,25 +198,19 @@ class JournalBackend(JournalFileBackend):
             super().append_logs(logs)
 
 
-def focus_constraint(refusal_ceiling: float):
-    """Optuna constraint (> 0: infeasible) for trials that keep more than `refusal_ceiling` refusals. Why: TPE
+def focus(trial: optuna.Trial, counted_refusals: float, refusal_ceiling: float | None) -> None:
+    """Mark a trial that keeps more than `refusal_ceiling` refusals infeasible (an Optuna constraint > 0). Why: TPE
     models its "good" trials on the best few by Pareto rank and hypervolume, which rewards spread along the whole
-    front -- including its near-zero-KL end where an ablation barely changes the model and most refusals stay.
+    front -- including its near-zero-KL end, where an ablation barely changes the model and most refusals stay.
     Nobody picks from there; marking it infeasible makes the sampler refine the end users choose from. Such
     trials are still recorded, on the front and pickable."""
-
-    def constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
-        counted = trial.user_attrs.get(COUNTED_ATTR)
-        return [1e6 if counted is None else counted - refusal_ceiling]
-
-    return constraint
+    if refusal_ceiling is not None:
+        trial.set_constraint("refusals", counted_refusals - refusal_ceiling)
 
 
-def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = (),
-               refusal_ceiling: float | None = None) -> optuna.Study:
+def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: list[dict] = ()) -> optuna.Study:
     """Create or continue the study persisted in an append-only journal (a kill -9 loses at most one trial).
-    A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them).
-    With `refusal_ceiling`, the sampler focuses on trials with at most that many refusals (`focus_constraint`)."""
+    A new study first runs the `warm_start` parameter sets (queued in the journal, so a resume keeps them)."""
     from optuna.storages import JournalStorage
 
     import warnings
@@ -225,16 +218,10 @@ def open_study(storage_path: str, seed: int, startup_trials: int, warm_start: li
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    def sampler(constraints=None):
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
-                                          constraints_func=constraints)
-
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True)
     storage = JournalStorage(JournalBackend(storage_path))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
-                                sampler=sampler(), load_if_exists=True)
-    # A study begun without focus has no constraint values, and TPE would rank all its trials last: keep it unfocused.
-    if refusal_ceiling is not None and all(CONSTRAINTS_KEY in t.system_attrs for t in finished_trials(study)):
-        study.sampler = sampler(focus_constraint(refusal_ceiling))
+                                sampler=sampler, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         for params in warm_start:
             study.enqueue_trial(params)
