@@ -1,10 +1,11 @@
 """Search: multi-objective optimisation (Optuna TPE) of the ablation, minimising (refusals, KL) on the tune split.
 
 A new study starts from the single-direction ablation of Arditi et al. at a few depths (`space.warm_start`),
-then samples at random (`startup_trials`), then lets TPE choose. One trial: sample parameters → apply them in
-memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the trial cannot
-reach the Pareto front, stop here → otherwise generate the harmful tune prompts with early decision and count
-refusals. Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
+then samples at random (`startup_trials`), then lets TPE choose -- focused (`focus`) on trials that remove at
+least half the base model's refusals, the part of the front users pick from. One trial: sample parameters →
+apply them in memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the
+trial cannot reach the Pareto front, stop here → otherwise generate the harmful tune prompts with early decision
+and count refusals. Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
 damage, not success.
 
 A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
