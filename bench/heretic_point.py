@@ -20,12 +20,12 @@ import argparse
 import time
 
 import torch
-from normalisation import swap_in
+from normalisation import measure_realised
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.ablation import AblationParams, ComponentParams, Kernel, plan_edits
 from abliterate.config import load_settings
 from abliterate.directions import Directions, measure_directions
-from abliterate.evaluate import Baseline, measure_refusals
+from abliterate.evaluate import Baseline
 from abliterate.judges import get_judge
 from abliterate.load import load_model
 from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
@@ -73,17 +73,8 @@ def main() -> None:
     for name, params, mode in variants:
         start = time.perf_counter()
         edits = plan_edits(loaded.adapter, directions, params)
-        hooks = ablate(edits) if mode == "none" else None
-        swapped = swap_in(edits, mode) if mode != "none" else []
-        try:
-            kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)
-            refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens,
-                                        args.batch_size).refusals
-        finally:
-            if hooks:
-                hooks.remove()
-            for param, original in swapped:
-                param.data = original
+        refusals, kl = measure_realised(loaded, edits, mode, baseline, harmful, judge, settings.max_new_tokens,
+                                        args.batch_size)
         print(f"{name:14s} {refusals:>3}/{len(harmful):<4} KL {kl:.3f}  {time.perf_counter() - start:4.0f} s", flush=True)
 
 

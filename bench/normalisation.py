@@ -61,6 +61,23 @@ def swap_in(edits, mode: str) -> list:
     return swapped
 
 
+def measure_realised(loaded, edits, mode: str, baseline, harmful: list[str], judge, max_new_tokens: int,
+                     batch_size: int) -> tuple[int, float]:
+    """(refusals, KL) of `edits` realised as `mode` ("none": plain projection by hooks; "columns"/"rows": edited
+    weights swapped in), measured as a search trial measures them; the model is left as it was."""
+    hooks = ablate(edits) if mode == "none" else None
+    swapped = swap_in(edits, mode) if mode != "none" else []
+    try:
+        kl = baseline.kl(loaded.model, loaded.tokenizer, batch_size)
+        refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, max_new_tokens, batch_size).refusals
+    finally:
+        if hooks:
+            hooks.remove()
+        for param, original in swapped:
+            param.data = original
+    return refusals, kl
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32, help="tune prompts of each set")
@@ -91,17 +108,8 @@ def main() -> None:
             edits = plan_edits(loaded.adapter, directions, params)
             for mode in ("none", "columns", "rows"):
                 start = time.perf_counter()
-                hooks = ablate(edits) if mode == "none" else None
-                swapped = swap_in(edits, mode) if mode != "none" else []
-                try:
-                    kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)
-                    refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens,
-                                                args.batch_size).refusals
-                finally:
-                    if hooks:
-                        hooks.remove()
-                    for param, original in swapped:
-                        param.data = original
+                refusals, kl = measure_realised(loaded, edits, mode, baseline, harmful, judge, settings.max_new_tokens,
+                                                args.batch_size)
                 print(f"{fixed['direction_index'] / (n_layers - 1):5.2f}  {scale:6.2f}  {mode:7s}  "
                       f"{refusals:>3}/{len(harmful):<4}  {kl:.3f}  {time.perf_counter() - start:5.0f}", flush=True)
 
