@@ -9,8 +9,9 @@
   heretic SAVE_DIR RESULT_JSON                      (Heretic's venv, run in the folder holding its config.toml)
       Run Heretic's own `heretic.main.main()` unattended. Heretic 1.4 has no headless mode: after the search it
       asks (questionary menus) which Pareto-optimal trial to use and what to do with it. Its prompt functions
-      are replaced here by fixed answers: pick a trial by abliterate's `--pick auto` rule (the lowest KL among
-      Pareto trials with at most 5% refusals, else the fewest refusals, ties by KL), "Save the model to a
+      are replaced here by fixed answers: pick a trial by abliterate's `--pick auto` rule (src/abliterate/pick.py,
+      loaded from its file: the lowest KL among Pareto trials within one standard error of the fewest refusals
+      or within 5 %), "Save the model to a
       local folder" -> SAVE_DIR (merged full model; export_strategy = "merge" in config.toml), then leave.
       Any other question is an error (so the benchmark never hangs). The choice goes to RESULT_JSON.
 
@@ -21,11 +22,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-REFUSAL_RATE_LIMIT = 0.05  # abliterate's `--pick auto`: at most 5% refusals
+PICK_RULE = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "pick.py"
 
 
 def write_prompts(out_dir: str, tune_prompts: int, direction_prompts: int) -> None:
@@ -46,11 +48,13 @@ def write_prompts(out_dir: str, tune_prompts: int, direction_prompts: int) -> No
 
 
 def pick_like_abliterate(front: list, total: int):
-    """abliterate's `auto` rule on Heretic's Pareto front (trials with user_attrs refusals, kl_divergence)."""
-    within = [t for t in front if t.user_attrs["refusals"] <= REFUSAL_RATE_LIMIT * total + 1e-9]
-    if within:
-        return min(within, key=lambda t: t.user_attrs["kl_divergence"])
-    return min(front, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"]))
+    """abliterate's `auto` rule on Heretic's Pareto front (trials with user_attrs refusals, kl_divergence). The
+    rule's file imports nothing from abliterate, so it loads in Heretic's virtualenv, where abliterate is absent."""
+    spec = importlib.util.spec_from_file_location("abliterate_pick", PICK_RULE)
+    pick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick)
+    points = [(t.user_attrs["refusals"], t.user_attrs["kl_divergence"]) for t in front]
+    return front[pick.auto_choice(points, total)]
 
 
 def run_heretic(save_dir: str, result_json: str) -> None:
@@ -74,7 +78,7 @@ def run_heretic(save_dir: str, result_json: str) -> None:
             total = front[0].user_attrs["n_bad_prompts"]
             chosen = pick_like_abliterate(front, total)
             record.update(
-                rule="abliterate --pick auto: lowest KL with refusals <= 5%, else fewest refusals",
+                rule="abliterate --pick auto: lowest KL within one standard error of the fewest refusals, or 5%",
                 trial_index=chosen.user_attrs["index"], trial_number=chosen.number,
                 refusals=chosen.user_attrs["refusals"], total=total,
                 base_refusals=chosen.user_attrs["base_refusals"], kl=chosen.user_attrs["kl_divergence"],

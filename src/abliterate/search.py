@@ -32,6 +32,7 @@ from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate,
 from abliterate.config import SearchSpace
 from abliterate.errors import UserError
 from abliterate.evaluate import measure_refusals
+from abliterate.pick import auto_choice
 from abliterate.prefix import PrefixCache
 
 # (band, KL below, refusal rate below): reference 001's quality bands.
@@ -251,7 +252,8 @@ def check_pick_rule(rule: str) -> None:
 
 
 def pick_trial(study: optuna.Study, rule: str, total: int) -> optuna.trial.FrozenTrial:
-    """Choose the trial to save. `refusals<=R`: R below 1 is a rate, else a count."""
+    """Choose the trial to save. `refusals<=R`: R below 1 is a rate, else a count. `auto`: the lowest KL among
+    trials within one standard error of the fewest refusals (or within 5 %), see pick.py."""
     check_pick_rule(rule)
     match = _PICK.match(rule.strip())
     front = pareto_front(study)
@@ -279,6 +281,4 @@ def pick_trial(study: optuna.Study, rule: str, total: int) -> optuna.trial.Froze
             raise UserError(f"no trial has KL <= {limit} (lowest: {min(t.values[1] for t in front):.3f}); "
                             "relax the rule or run more trials")
         return min(within, key=lambda t: (t.values[0], t.values[1]))
-    # auto: the lowest KL among trials with at most 5% refusals, else the fewest refusals
-    within = [t for t in front if t.values[0] <= 0.05 * total]
-    return min(within, key=lambda t: t.values[1]) if within else front[0]
+    return front[auto_choice([(t.values[0], t.values[1]) for t in front], total)]  # see pick.py
