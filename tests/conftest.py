@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import time
 
 import pytest
@@ -12,6 +13,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A shell's background job (`nohup ... &`) starts with Ctrl-C ignored, and so does every process it starts: the Ctrl-C
+# tests would then test how the suite was launched, not the code. Take Ctrl-C as a terminal would; processes the
+# tests start get the default disposition (a caught signal is reset on exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=320, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
