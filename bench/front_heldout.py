@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from normalisation import measure_realised
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
+from abliterate.ablation import AblationParams, plan_edits
 from abliterate.directions import Directions
-from abliterate.evaluate import Baseline, measure_refusals
+from abliterate.evaluate import Baseline
 from abliterate.judges import get_judge
 from abliterate.load import load_model
 from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
-from abliterate.search import STUDY_NAME, pareto_front, pick_trial
+from abliterate.report import load_study_readonly
+from abliterate.search import pareto_front, pick_trial
 
 
 def main() -> None:
@@ -35,14 +37,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     identity = json.loads((args.run_dir / "run.json").read_text())["identity"]
-    study = optuna.load_study(study_name=STUDY_NAME,
-                              storage=JournalStorage(JournalFileBackend(str(args.run_dir / "study.journal"))))
+    study = load_study_readonly(args.run_dir / "study.journal")
     tune_total = identity["tune_prompts"]
     front = pareto_front(study)
     auto, fewest = pick_trial(study, "auto", tune_total).number, front[0].number
@@ -65,10 +61,8 @@ def main() -> None:
         trial = study.trials[number]
         params = AblationParams.from_dict(trial.user_attrs["params"])
         start = time.perf_counter()
-        with ablate(plan_edits(loaded.adapter, directions, params), params.norm_preserving):
-            kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)
-            refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, identity["max_new_tokens"],
-                                        args.batch_size).refusals
+        refusals, kl = measure_realised(loaded, plan_edits(loaded.adapter, directions, params), "none", baseline, harmful,
+                                        judge, identity["max_new_tokens"], args.batch_size, params.norm_preserving)
         marks = ", ".join(name for name, chosen in (("auto", auto), ("fewest tune refusals", fewest))
                           if chosen == number)
         print(f"trial {number:3d}: tune {int(trial.values[0])}/{tune_total} KL {trial.values[1]:.3f} -> held out "

@@ -62,10 +62,11 @@ def swap_in(edits, mode: str) -> list:
 
 
 def measure_realised(loaded, edits, mode: str, baseline, harmful: list[str], judge, max_new_tokens: int,
-                     batch_size: int) -> tuple[int, float]:
-    """(refusals, KL) of `edits` realised as `mode` ("none": plain projection by hooks; "columns"/"rows": edited
-    weights swapped in), measured as a search trial measures them; the model is left as it was."""
-    hooks = ablate(edits) if mode == "none" else None
+                     batch_size: int, norm_preserving: bool = False) -> tuple[int, float]:
+    """(refusals, KL) of `edits` realised as `mode` ("none": by hooks, as a trial applies them, `norm_preserving` or
+    plain projection; "columns"/"rows": edited weights swapped in), measured as a search trial measures them; the
+    model is left as it was."""
+    hooks = ablate(edits, norm_preserving) if mode == "none" else None
     swapped = swap_in(edits, mode) if mode != "none" else []
     try:
         kl = baseline.kl(loaded.model, loaded.tokenizer, batch_size)
