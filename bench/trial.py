@@ -1,12 +1,14 @@
 """Benchmark: seconds per search trial and their breakdown, against the forward-pass floor of the same work.
 
-    python bench/trial.py [--model tiny] [--trials 6] [--tune-prompts 48] [--max-new-tokens 32]
+    python bench/trial.py [--model tiny] [--trials 6] [--tune-prompts 48] [--max-new-tokens 32] [--decode dynamic,static]
 
 A trial = plan + apply the edit (hooks) + first-token KL on the benign tune prompts + refusal generation
 with early decision, exactly as `abliterate run` does it (layers below the first edited one reused from the
 base model). The floor is what the same tokens cost through the bare model with no reuse: one forward pass
 over the benign prompts, plus a prefill and one cached decode step per generated token. Each trial is also
 measured without prefix reuse, so the two show what reuse saves. All in one run, so ratios hold on any CPU.
+`--decode A,B`: each trial's generation is also run with the other decoding (evaluate.generate's `decode`: dynamic,
+static = fixed shapes and CUDA graphs on a GPU), timed, and its answers compared with the first's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ from abliterate.prompts import format_prompts, load_prompts
 from abliterate.search import suggest_params
 
 
+def random_model(folder: str) -> str:
+    """A copy of `folder` with random weights written beside its config and tokenizer (a model too big to carry)."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.bfloat16)
+    out = tempfile.mkdtemp(prefix="random-")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny")
@@ -36,8 +53,13 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--judge", default=DEFAULT_JUDGE)
+    parser.add_argument("--decode", default="auto", help="auto, dynamic, static, or two of them to compare: dynamic,static")
+    parser.add_argument("--random-init", action="store_true",
+                        help="--model is a folder with a config and a tokenizer only: time that architecture with random "
+                             "weights (the same cost per step as the real model; the answers are noise)")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded = load_model(random_model(args.model) if args.random_init else args.model, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:64],
                                     load_prompts("harmless", split="train")[:64]).directions
@@ -47,7 +69,8 @@ def main():
     judge = get_judge(args.judge)
     harmful_prefix = PrefixCache()
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
-    rows = []
+    decodes = args.decode.split(",")
+    rows, other_seconds, same_answers = [], [], 0
     for _ in range(args.trials):
         trial = study.ask()
         start = time.perf_counter()
@@ -59,19 +82,27 @@ def main():
             kl = baseline.kl(model, tokenizer, args.batch_size, first_edited)
             t_kl = time.perf_counter()
             result = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
-                                      first_edited_layer=first_edited, prefix=harmful_prefix)
+                                      first_edited_layer=first_edited, prefix=harmful_prefix, decode=decodes[0])
             t_gen = time.perf_counter()
-            judge_refusals(judge, result.texts)  # the verdicts alone, as measure_refusals ends with them
+            judge_refusals(judge, result.responses)  # the verdicts alone, as measure_refusals ends with them
             judging = time.perf_counter() - t_gen
             t_gen_end = time.perf_counter()
             baseline.kl(model, tokenizer, args.batch_size)  # the same trial without prefix reuse
             measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size)
             no_reuse = time.perf_counter() - t_gen_end + (t_plan - start)
+            if len(decodes) > 1:  # the same generation with the other decoding
+                t_other = time.perf_counter()
+                other = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
+                                         first_edited_layer=first_edited, prefix=harmful_prefix, decode=decodes[1])
+                other_seconds.append(time.perf_counter() - t_other)
+                same_answers += sum(a == b for a, b in zip(result.responses, other.responses))
+                print(f"  generation with decode={decodes[1]}: {other_seconds[-1]:.2f} s, {other.refusals} refusals "
+                      f"(decode={decodes[0]}: {t_gen - t_kl:.2f} s, {result.refusals} refusals)")
         decode_tokens = result.tokens_generated
         # The floor: the same number of prompt and decode tokens through the bare model, no hooks, no judge.
         floor_start = time.perf_counter()
         baseline.kl(model, tokenizer, args.batch_size)
-        generate(model, tokenizer, harmful, max(1, round(decode_tokens / len(harmful))), args.batch_size)
+        generate(model, tokenizer, harmful, max(1, round(decode_tokens / len(harmful))), args.batch_size, decode="dynamic")
         floor = time.perf_counter() - floor_start
         study.tell(trial, [result.refusals, kl])
         rows.append((t_plan - start, t_kl - t_plan, t_gen - t_kl, floor, no_reuse))
@@ -86,6 +117,11 @@ def main():
           f"{args.tune_prompts}+{args.tune_prompts} prompts, {args.max_new_tokens} new tokens: {total:.1f} s per trial "
           f"({no_reuse:.1f} s without prefix reuse: {no_reuse / total:.2f}x), floor {floor:.1f} s: {total / floor:.2f}x "
           f"the floor; {3600 / total:.0f} trials/hour")
+    if other_seconds:
+        generation = sum(r[2] for r in rows) / len(rows)
+        other = sum(other_seconds) / len(other_seconds)
+        print(f"generation per trial: decode={decodes[0]} {generation:.2f} s, decode={decodes[1]} {other:.2f} s "
+              f"({generation / other:.2f}x); identical answers {same_answers}/{len(rows) * len(harmful)}")
 
 
 if __name__ == "__main__":

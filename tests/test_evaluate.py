@@ -133,10 +133,11 @@ def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monk
 
     real_generate = evaluation.generate
 
-    def generate_fitting_four(model, tokenizer, formatted_prompts, max_new_tokens=32, batch_size=16, decided=None):
+    def generate_fitting_four(model, tokenizer, formatted_prompts, max_new_tokens=32, batch_size=16, decided=None,
+                              **options):
         if min(batch_size, len(formatted_prompts)) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size, decided)
+        return real_generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size, decided, **options)
 
     monkeypatch.setattr(evaluation, "generate", generate_fitting_four)
     assert evaluation.choose_batch_size(model, tokenizer, prompts, max_batch_size=64) <= 4

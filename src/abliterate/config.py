@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from abliterate.errors import UserError
 
 ENV_PREFIX = "ABLITERATE_"
-_NOT_SETTINGS = {"ABLITERATE_CACHE"}  # environment variables of ours that are not run settings
+_NOT_SETTINGS = {"ABLITERATE_CACHE", "ABLITERATE_CUDA_GRAPHS"}  # environment variables of ours that are not run settings
 
 
 def _range(low: float, high: float):

@@ -19,10 +19,12 @@ batch (their KV cache is dropped), and the batch stops when all are decided.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
 
+from abliterate import static_decode
 from abliterate.errors import UserError
 from abliterate.prefix import PrefixCache, cache_of
 
@@ -142,16 +144,32 @@ class Generation:
         return self.tokens_budget - self.tokens_generated
 
 
+def _static_decoding(model, decode: str) -> bool:
+    """`auto`: with ABLITERATE_CUDA_GRAPHS=1, static shapes and CUDA graphs on a model on one GPU (where decode
+    steps are launch-bound); otherwise the dynamic path, whose finished rows leave the batch (on a CPU the arithmetic
+    is the cost). Opt-in until measured on a GPU: the capture is the one part no CPU test runs."""
+    if decode == "auto":
+        devices = {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}
+        return _device(model).type == "cuda" and len(devices) <= 1 and os.environ.get("ABLITERATE_CUDA_GRAPHS") == "1"
+    if decode not in ("static", "dynamic"):
+        raise ValueError(f"decode must be auto, static or dynamic, not {decode!r}")
+    return decode == "static"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None) -> Generation:
+             decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
+             decode: str = "auto") -> Generation:
     """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early. With `prefix`,
-    prefills reuse the base model's states below `first_edited_layer` (no layer below it may be edited)."""
+    prefills reuse the base model's states below `first_edited_layer` (no layer below it may be edited).
+    `decode`: `dynamic` (finished rows leave the batch), `static` (fixed shapes, CUDA graphs on a GPU, see
+    static_decode.py) or `auto` (see `_static_decoding`)."""
     texts: list[str] = [""] * len(formatted_prompts)
     all_tokens: list[list[int]] = [[] for _ in formatted_prompts]
     generated = 0
     device = _device(model)
     eos_ids = set(_eos_ids(model, tokenizer))
+    static = _static_decoding(model, decode)
     order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
     index_batches = [indices for _, indices in _batches(order, batch_size)]
     batches = [tuple(formatted_prompts[i] for i in indices) for indices in index_batches]
@@ -163,26 +181,48 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True)
         cache = cache_of(output)
         next_tokens = output.logits[:, -1, :].argmax(-1)
+        decoder = None
+        if static and max_new_tokens > 1 and static_decode.supports(model, cache):
+            decoder = static_decode.StaticDecoder(model, cache, mask, next_tokens, max_new_tokens,
+                                                  _cache_argument(type(model)), graphs=True)
         active = list(batch_indices)  # prompt index of each row still running
+        rows = list(range(len(active)))  # static decoding: each active prompt's row in the fixed batch
         tokens: dict[int, list[int]] = {i: [] for i in batch_indices}
         for step in range(max_new_tokens):
-            generated += len(active)
+            generated += len(active) if decoder is None else len(batch_indices)
             keep = []
             # one device-to-host copy per step, not one per row (each would be a GPU sync)
-            for row, (index, token) in enumerate(zip(active, next_tokens.tolist())):
+            step_tokens = next_tokens.tolist()
+            if decoder is not None and step > 0:
+                step_tokens = [step_tokens[row] for row in rows]
+            for position, (index, token) in enumerate(zip(active, step_tokens)):
                 if token in eos_ids:
                     continue
                 tokens[index].append(token)
                 if decided is not None and decided(tokenizer.decode(tokens[index], skip_special_tokens=True)):
                     continue
-                keep.append(row)
+                keep.append(position)
             if not keep or step == max_new_tokens - 1:
                 break
+            if decoder is not None:
+                try:
+                    next_tokens = decoder.step()
+                except Exception:
+                    if decoder.steps > 0:
+                        raise
+                    # the model's step fails on fixed buffers (seen: DeepSeek-V3's attention): the dynamic path
+                    # from the prefill's own cache, for good
+                    static_decode.unsupported(model)
+                    decoder = static = None
+                else:
+                    active, rows = [active[p] for p in keep], [rows[p] for p in keep]
+                    cache = output = None  # the prefill's cache lives on in the decoder's buffers
+                    continue
             if len(keep) < len(active):
-                rows = torch.tensor(keep, device=device)
-                cache.batch_select_indices(rows)
-                mask, next_tokens = mask[rows], next_tokens[rows]
-                active = [active[row] for row in keep]
+                selected = torch.tensor(keep, device=device)
+                cache.batch_select_indices(selected)
+                mask, next_tokens = mask[selected], next_tokens[selected]
+                active = [active[p] for p in keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             output = model(input_ids=next_tokens[:, None], attention_mask=mask,
                            position_ids=_positions(mask)[:, -1:], use_cache=True,
@@ -339,7 +379,8 @@ class _EnoughRefusals(Exception):
 
 def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
                      batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
-                     prefix: PrefixCache | None = None, stop_at_refusals: int | None = None) -> RefusalResult:
+                     prefix: PrefixCache | None = None, stop_at_refusals: int | None = None,
+                     decode: str = "auto") -> RefusalResult:
     """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`.
     `stop_at_refusals`: stop generating as soon as that many answers are decided refusals (a search trial that
     is then dominated whatever the rest say); the result has only `refusals` (a lower bound) and `stopped_at`."""
@@ -361,7 +402,7 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
     reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
     try:
         result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
-                                                                 **reuse), formatted_harmful, batch_size)
+                                                                 decode=decode, **reuse), formatted_harmful, batch_size)
     except _EnoughRefusals:
         return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
     from abliterate.judges import judge_refusals
