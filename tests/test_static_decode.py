@@ -1,7 +1,7 @@
 """Static-shape decoding (the GPU path: fixed buffers, CUDA graphs) gives the tokens the dynamic path gives, on every
 family whose cache it takes — with an edit hooked in, prefix reuse, left padding and rows finishing at different
-steps — and families it cannot take (sliding-window caches: Gemma 2/3, Mistral, gpt-oss; DeepSeek-V3's attention)
-fall back to the dynamic path. On a CPU the steps run eagerly, so these tests
+steps — and what it cannot take (a sliding window shorter than prompt + answer; DeepSeek-V3's attention) falls back
+to the dynamic path. On a CPU the steps run eagerly, so these tests
 check everything but the capture itself, which the last test checks on a GPU (bench/gpu_decode.sh runs it)."""
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ def finishes_on_a(text: str) -> bool:  # rows finish at different steps
 
 
 # deepseek_v3's attention fails on the fixed buffers: the first step falls back to the dynamic path (same tokens)
-@pytest.mark.parametrize("model_type", sorted(set(ARCH_CONFIGS) - VISION_LANGUAGE - {"gpt_oss"}))
-def test_static_decoding_gives_the_dynamic_tokens(model_type):
+@pytest.mark.parametrize("model_type", sorted(set(ARCH_CONFIGS) - VISION_LANGUAGE))
+def test_static_decoding_gives_the_dynamic_tokens(model_type, monkeypatch):
     model, tokenizer, adapter, directions, batch_size = setup(model_type)
+    decoders = []
+    real_init = static_decode.StaticDecoder.__init__
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__",
+                        lambda self, *args, **kwargs: (decoders.append(self), real_init(self, *args, **kwargs))[1])
     with ablate(*edits_from(adapter, directions, 1)):
         dynamic = generate(model, tokenizer, PROMPTS, 10, batch_size, finishes_on_a, decode="dynamic")
         static = generate(model, tokenizer, PROMPTS, 10, batch_size, finishes_on_a, decode="static")
@@ -35,7 +39,8 @@ def test_static_decoding_gives_the_dynamic_tokens(model_type):
         whole = 4 if batch_size > 1 else 1  # all prompts in one batch: the longest padding
         full = generate(model, tokenizer, PROMPTS, 10, whole, decode="static")
         full_dynamic = generate(model, tokenizer, PROMPTS, 10, whole, decode="dynamic")
-    assert (model in static_decode._UNSUPPORTED) == (model_type == "deepseek_v3")  # the fixed buffers really ran
+    # the fixed buffers really ran (sliding windows longer than prompt + answer included)
+    assert decoders and (model in static_decode._UNSUPPORTED) == (model_type == "deepseek_v3")
     assert static.tokens == dynamic.tokens
     assert reused.tokens == dynamic.tokens
     assert full.tokens == full_dynamic.tokens
@@ -44,15 +49,15 @@ def test_static_decoding_gives_the_dynamic_tokens(model_type):
     assert static.tokens_generated >= dynamic.tokens_generated
 
 
-def test_the_decoder_takes_plain_caches_only():
+def test_the_decoder_takes_full_attention_and_windows_longer_than_the_answer():
     model, tokenizer, *_ = setup("llama")
-    sliding, sliding_tokenizer, *_ = setup("gemma3_text", **SLIDING)
+    sliding, sliding_tokenizer, *_ = setup("gemma3_text", **SLIDING)  # window 5: shorter than the prompts
     inputs = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     cache = model(**inputs, use_cache=True).past_key_values
     sliding_cache = sliding(**inputs, use_cache=True).past_key_values
-    assert static_decode.supports(model, cache)
-    assert not static_decode.supports(sliding, sliding_cache)
-    # a sliding-window model still decodes, dynamically, to the same tokens
+    assert static_decode.supports(model, cache, 40)
+    assert not static_decode.supports(sliding, sliding_cache, 40)
+    # a window that tokens would slide out of decodes dynamically, to the same tokens
     assert (generate(sliding, sliding_tokenizer, PROMPTS, 8, 2, finishes_on_a, decode="static").tokens
             == generate(sliding, sliding_tokenizer, PROMPTS, 8, 2, finishes_on_a, decode="dynamic").tokens)
 
@@ -85,7 +90,7 @@ def test_auto_is_static_only_on_a_single_gpu_when_asked(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run by bench/gpu_decode.sh)")
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "olmo2", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "olmo2", "gpt2", "gemma3_text"])
 def test_on_a_gpu_the_steps_are_captured_and_replayed_to_the_same_tokens(model_type):
     model, tokenizer, adapter, directions, batch_size = setup(model_type)
     model = model.cuda()

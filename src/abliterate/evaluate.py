@@ -182,7 +182,7 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         cache = cache_of(output)
         next_tokens = output.logits[:, -1, :].argmax(-1)
         decoder = None
-        if static and max_new_tokens > 1 and static_decode.supports(model, cache):
+        if static and max_new_tokens > 1 and static_decode.supports(model, cache, mask.shape[1] + max_new_tokens):
             decoder = static_decode.StaticDecoder(model, cache, mask, next_tokens, max_new_tokens,
                                                   _cache_argument(type(model)), graphs=True)
         active = list(batch_indices)  # prompt index of each row still running

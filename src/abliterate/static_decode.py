@@ -40,18 +40,25 @@ def _forward_takes(model_class, name: str) -> bool:
     return name in inspect.signature(model_class.forward).parameters
 
 
-def supports(model, cache) -> bool:
-    """The prefill's cache can move into static buffers: every layer a plain full-attention DynamicLayer."""
-    from transformers.cache_utils import DynamicLayer, StaticCache, StaticLayer
+def supports(model, cache, total_length: int) -> bool:
+    """The prefill's cache can move into static buffers of `total_length` tokens: every layer full attention, or a
+    sliding window no shorter than that (so nothing slides out: the window's bookkeeping never changes in a graph)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer, \
+        StaticSlidingWindowLayer
 
     layers = getattr(cache, "layers", None)
-    if model in _UNSUPPORTED or not layers or any(type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None for layer in layers):
+    if model in _UNSUPPORTED or not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        return False
+    if not all(type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
+                                               and layer.sliding_window > total_length) for layer in layers):
         return False
     try:
-        static = StaticCache(config=model.config, max_cache_len=1)
+        static = StaticCache(config=model.config, max_cache_len=total_length)
     except Exception:  # a config StaticCache cannot read
         return False
-    return len(static.layers) == len(layers) and all(type(layer) is StaticLayer for layer in static.layers)
+    return len(static.layers) == len(layers) and all(
+        type(layer) is StaticLayer or (type(layer) is StaticSlidingWindowLayer and layer.max_cache_len == total_length)
+        for layer in static.layers)
 
 
 class StaticDecoder:
@@ -71,6 +78,8 @@ class StaticDecoder:
             static_layer.values[:, :, :prompt_length].copy_(layer.values)
             if isinstance(getattr(static_layer, "cumulative_length", None), torch.Tensor):
                 static_layer.cumulative_length.fill_(prompt_length)
+            if hasattr(static_layer, "cumulative_length_int"):  # a sliding window (never full here, see `supports`)
+                static_layer.cumulative_length_int = prompt_length
         self.mask = attention_mask.new_ones(batch, total)
         self.mask[:, :prompt_length] = attention_mask
         self.ids = next_tokens.reshape(batch, 1).clone()
