@@ -249,8 +249,10 @@ def generate_greedy(model, tokenizer, formatted_prompts: list[str], max_new_toke
 
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_size: int = 16,
-                        first_edited_layer: int | None = None, prefix: PrefixCache | None = None) -> torch.Tensor:
-    """[N, vocab] float32 log-probabilities of the first response token (`prefix`: as in `generate`)."""
+                        first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
+                        on_cpu: bool = True) -> torch.Tensor:
+    """[N, vocab] float32 log-probabilities of the first response token (`prefix`: as in `generate`); `on_cpu=False`:
+    left where the model computed them."""
     device = _device(model)
     rows = []
     batches = [tuple(batch) for _, batch in _batches(formatted_prompts, batch_size)]
@@ -259,8 +261,9 @@ def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_si
         mask = inputs["attention_mask"]
         run = functools.partial(model, **inputs, position_ids=_positions(mask), use_cache=False, logits_to_keep=1)
         logits = _forward(run, prefix, model, tokenizer, batches, texts, first_edited_layer).logits[:, -1, :]
-        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-    return torch.cat(rows)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        rows.append(logprobs.cpu() if on_cpu else logprobs)
+    return torch.cat([row.to(rows[-1].device) for row in rows])
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -297,6 +300,7 @@ class Baseline:
     top_ids: torch.Tensor  # [N, T, k]
     vocab_size: int
     prefix: PrefixCache = field(default_factory=PrefixCache, repr=False, compare=False)  # trials' KL passes
+    _device_copy: torch.Tensor | None = field(default=None, repr=False, compare=False)  # first_token_logprobs on a GPU
 
     @classmethod
     @torch.no_grad()
@@ -345,8 +349,17 @@ class Baseline:
 
     def kl(self, model, tokenizer, batch_size: int = 16, first_edited_layer: int | None = None) -> float:
         """First-token KL. `first_edited_layer`: layers below it are the base model's, so they are not recomputed."""
-        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size, first_edited_layer, self.prefix)
-        return kl_divergence(self.first_token_logprobs, logprobs)
+        # Compared where the model computed them: on a GPU a trial then moves one number to the host, not [N, vocab].
+        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size, first_edited_layer, self.prefix,
+                                       on_cpu=False)
+        return kl_divergence(self._first_token_logprobs_on(logprobs.device), logprobs)
+
+    def _first_token_logprobs_on(self, device: torch.device) -> torch.Tensor:
+        if self.first_token_logprobs.device == device:
+            return self.first_token_logprobs
+        if self._device_copy is None or self._device_copy.device != device:
+            self._device_copy = self.first_token_logprobs.to(device)  # kept: every trial compares against it
+        return self._device_copy
 
     @torch.no_grad()
     def kl_multi_token(self, model, tokenizer, batch_size: int = 16) -> float | None:
