@@ -42,7 +42,7 @@ def _forward_takes(model_class, name: str) -> bool:
 
 def supports(model, cache, total_length: int) -> bool:
     """The prefill's cache can move into static buffers of `total_length` tokens: every layer full attention, or a
-    sliding window no shorter than that (so nothing slides out: the window's bookkeeping never changes in a graph)."""
+    sliding window longer than that (nothing slides out, so the window's bookkeeping never changes in a graph)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer, \
         StaticSlidingWindowLayer
 
@@ -84,7 +84,7 @@ class StaticDecoder:
         self.mask[:, :prompt_length] = attention_mask
         self.ids = next_tokens.reshape(batch, 1).clone()
         self.positions = attention_mask.long().sum(-1, keepdim=True)  # real tokens before the next one
-        # transformers before 5.24 placed cache writes by an explicit cache_position
+        # a transformers whose forward still takes cache_position places cache writes by it (5.17 and 5.24 do not)
         self.cache_position = (torch.tensor([prompt_length], device=attention_mask.device)
                                if _forward_takes(type(model), "cache_position") else None)
         self.graphs = graphs and attention_mask.device.type == "cuda" and model not in _UNCAPTURABLE
