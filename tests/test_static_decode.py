@@ -73,6 +73,22 @@ def test_refusal_counting_stops_early_on_the_static_path_too():
     assert stopped.stopped_at == 1
 
 
+def test_out_of_memory_on_the_fixed_buffers_halves_the_batch_instead_of_leaving_the_path(monkeypatch):
+    model, tokenizer, *_ = setup("llama")
+    real_step = static_decode.StaticDecoder._step
+
+    def step_fitting_two(decoder):
+        if decoder.ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(decoder)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_step", step_fitting_two)
+    judge = PhraseJudge(markers=("q",), opening_chars=1000)
+    backed_off = measure_refusals(model, tokenizer, PROMPTS, judge, 8, 4, decode="static")
+    assert model not in static_decode._UNSUPPORTED
+    assert backed_off.responses == measure_refusals(model, tokenizer, PROMPTS, judge, 8, 2, decode="dynamic").responses
+
+
 def test_auto_is_static_only_on_a_single_gpu_when_asked(monkeypatch):
     model, *_ = setup("llama")
     monkeypatch.setenv("ABLITERATE_CUDA_GRAPHS", "1")

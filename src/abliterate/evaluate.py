@@ -207,9 +207,9 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
             if decoder is not None:
                 try:
                     next_tokens = decoder.step()
-                except Exception:
-                    if decoder.steps > 0:
-                        raise
+                except Exception as error:
+                    if decoder.steps > 0 or _is_oom(error):
+                        raise  # out of memory: `with_batch_backoff` halves the batch
                     # the model's step fails on fixed buffers (seen: DeepSeek-V3's attention): the dynamic path
                     # from the prefill's own cache, for good
                     static_decode.unsupported(model)
