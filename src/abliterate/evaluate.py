@@ -42,12 +42,9 @@ def _encode(tokenizer, texts: list[str], device) -> dict:
     return {name: tensor.to(device) for name, tensor in _tokenised(tokenizer, tuple(texts)).items()}
 
 
-@functools.lru_cache(maxsize=64)
 def _cache_argument(model_class) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    return "cache" if static_decode.forward_takes(model_class, "cache") else "past_key_values"
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,7 +181,7 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         decoder = None
         if static and max_new_tokens > 1 and static_decode.supports(model, cache, mask.shape[1] + max_new_tokens):
             decoder = static_decode.StaticDecoder(model, cache, mask, next_tokens, max_new_tokens,
-                                                  _cache_argument(type(model)), graphs=True)
+                                                  _cache_argument(type(model)))
         active = list(batch_indices)  # prompt index of each row still running
         rows = list(range(len(active)))  # static decoding: each active prompt's row in the fixed batch
         tokens: dict[int, list[int]] = {i: [] for i in batch_indices}

@@ -36,7 +36,7 @@ def unsupported(model) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _forward_takes(model_class, name: str) -> bool:
+def forward_takes(model_class, name: str) -> bool:
     return name in inspect.signature(model_class.forward).parameters
 
 
@@ -65,7 +65,7 @@ class StaticDecoder:
     """Greedy decode steps of one prompt batch over fixed buffers. `step()` → the next token of every row."""
 
     def __init__(self, model, prefill_cache, attention_mask: torch.Tensor, next_tokens: torch.Tensor,
-                 max_new_tokens: int, cache_argument: str, graphs: bool):
+                 max_new_tokens: int, cache_argument: str):
         from transformers.cache_utils import StaticCache
 
         batch, prompt_length = attention_mask.shape
@@ -86,8 +86,8 @@ class StaticDecoder:
         self.positions = attention_mask.long().sum(-1, keepdim=True)  # real tokens before the next one
         # a transformers whose forward still takes cache_position places cache writes by it (5.17 and 5.24 do not)
         self.cache_position = (torch.tensor([prompt_length], device=attention_mask.device)
-                               if _forward_takes(type(model), "cache_position") else None)
-        self.graphs = graphs and attention_mask.device.type == "cuda" and model not in _UNCAPTURABLE
+                               if forward_takes(type(model), "cache_position") else None)
+        self.graphs = attention_mask.device.type == "cuda" and model not in _UNCAPTURABLE
         self.graph = None
         self.steps = 0
 
