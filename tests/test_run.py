@@ -296,6 +296,38 @@ def test_resume_continues_a_run_with_its_own_settings(tiny_model_dir, prompt_dir
     assert not empty.exists()
 
 
+def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
+    """search_prompts = "refused" keeps the prompts the base refused, in order; "all" (or a run without the base's
+    verdicts) keeps every one; a base that refuses nothing leaves a trial nothing to generate, and that measures 0/0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abliterate.evaluate import measure_refusals
+    from abliterate.judges import get_judge
+    from abliterate.run import search_prompts
+
+    tune = ["p0", "p1", "p2", "p3"]
+    assert search_prompts(tune, "refused", [0, 2]) == ["p0", "p2"]
+    assert search_prompts(tune, "all", [0, 2]) == tune and search_prompts(tune, "refused", None) == tune
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    nothing = measure_refusals(model, tokenizer, search_prompts(tune, "refused", []), get_judge(), 4, 4)
+    assert (nothing.refusals, nothing.total, nothing.responses) == (0, 0, [])
+
+
+def test_a_run_made_before_search_prompts_existed_resumes_as_what_it_was(tmp_path):
+    """Such a run's trials answered every tune prompt: it resumes with search_prompts = "all", and a resume that would
+    change what its trials measure is refused, naming the setting."""
+    from abliterate.run import RUN_FILE, _identity, prepare_output
+
+    out = tmp_path / "old-run"
+    out.mkdir()
+    identity = _identity(load_settings(search_prompts="all"))
+    del identity["search_prompts"]
+    (out / RUN_FILE).write_text(json.dumps({"identity": identity}))
+    assert prepare_output(out, load_settings(search_prompts="all"))["identity"] == identity
+    with pytest.raises(UserError, match="search_prompts"):
+        prepare_output(out, load_settings())
+
+
 def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]

@@ -165,6 +165,14 @@ def test_run_searches_saves_a_model_that_refuses_less_on_held_out_prompts_and_ev
     assert 0 < abliterated["kl"] < 0.4
     card = (out / "README.md").read_text()
     assert f"{abliterated['refusals']}/12" in card and f"{abliterated['kl']:.3f}" in card
+    # The trials answered only the tune prompts the base refuses (search_prompts = "refused"): no trial counts more
+    # refusals than there are of those; the saved model is measured on all 12.
+    from abliterate.search import finished_trials, open_study
+
+    base_refused = json.loads((out / "run.json").read_text())["base_tune_refused"]
+    assert len(base_refused) == record["metrics"]["base"]["tune"]["refusals"] < 12
+    assert max(t.values[0] for t in finished_trials(open_study(str(out / "study.journal"), 0, 4))) <= len(base_refused)
+    assert record["metrics"]["abliterated"]["tune"]["total"] == 12
 
     result = CliRunner().invoke(main, ["eval", str(out), "--split", "eval", "--limit", "12", "--max-new-tokens", "24",
                                        "--kl-tokens", "8", "--dtype", record["dtype"], "--batch-size",

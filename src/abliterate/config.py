@@ -94,6 +94,10 @@ class RunSettings(BaseSettings):
     max_kl: float = Field(1.0, gt=0, description="Trials whose KL exceeds this are cut short (no generation).")
     focus: float = Field(0.5, ge=0, le=1, description="The sampler refines trials that keep at most this share of the "
                          "base model's tune refusals; the rest still count and can be picked (1: no focus).")
+    search_prompts: Literal["refused", "all"] = Field(
+        "refused", description="Harmful tune prompts every trial answers: 'refused' (those the base model refuses; an "
+        "ablation that removes the refusal direction keeps answering the others, so they count as answered) or 'all'. "
+        "The saved model is measured on all of them either way.")
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
     batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")

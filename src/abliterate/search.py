@@ -5,7 +5,8 @@ then samples at random (`startup_trials`), then lets TPE choose -- focused (`foc
 least half the base model's refusals, the part of the front users pick from. One trial: sample parameters →
 apply them in memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the
 trial cannot reach the Pareto front, stop here → otherwise generate the harmful tune prompts with early decision
-and count refusals. Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
+and count refusals (`TrialContext.tune_harmful`: by default only those the base model refuses, see
+`run.search_prompts`). Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
 damage, not success.
 
 A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
@@ -115,7 +116,7 @@ class TrialContext:
 
     loaded: object
     directions: object  # [n_layers, hidden] tensor
-    tune_harmful: list[str]  # formatted
+    tune_harmful: list[str]  # formatted: the harmful tune prompts every trial answers
     baseline: object  # evaluate.Baseline on the benign tune prompts
     judge: object
     max_new_tokens: int
