@@ -35,6 +35,8 @@
 #     direction at 80/90/100% depth removed at weight 1 from the layers around it), samples its own space (incl. norm_preserving) and
 #     minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
+#     its trials answer only the tune prompts the base model refuses (search_prompts = "refused", its default),
+#     Heretic's answer all of them;
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
 #   * Heretic's one-off search for a common response prefix (200 generations of the direction prompts, before

@@ -53,6 +53,10 @@ def test_run_saves_a_measured_model_and_eval_reproduces_its_numbers(tiny_model_d
     assert set(record["prompt_sets_sha256"]) == {f"{s}_{k}" for s in ("train", "tune", "eval") for k in ("harmful", "harmless")}
     card = (out / "README.md").read_text()
     assert "eval (held out)" in card and "tune (optimised on)" in card and f"trial {record['trial']}" in card
+    # Each trial records where its time went: the KL pass, then generation (unless cut short before it).
+    for trial in open_study(str(out / "study.journal"), 0, 2).get_trials(deepcopy=False):
+        parts = [trial.user_attrs["kl_seconds"], trial.user_attrs.get("generation_seconds", 0.0)]
+        assert min(parts) >= 0 and sum(parts) <= trial.duration.total_seconds()
 
     # A user's file has no split column: both commands take its last 30% as the eval split.
     held_out = record["metrics"]["abliterated"]["eval"]

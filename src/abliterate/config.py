@@ -96,7 +96,7 @@ class RunSettings(BaseSettings):
                          "base model's tune refusals; the rest still count and can be picked (1: no focus).")
     search_prompts: Literal["refused", "all"] = Field(
         "refused", description="Harmful tune prompts every trial answers: 'refused' (those the base model refuses; an "
-        "ablation that removes the refusal direction keeps answering the others, so they count as answered) or 'all'. "
+        "ablation of the refusal direction goes on answering the others, so they count as answered) or 'all'. "
         "The saved model is measured on all of them either way.")
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")

