@@ -164,3 +164,37 @@ def test_loaded_models_give_their_lm_head_a_contiguous_input_with_the_same_logit
     assert seen and all(seen)
     plain = build_tiny_model("llama")  # the same weights (same seed), no hook: its head sees the strided slice
     torch.testing.assert_close(fixed, next_token_logprobs(plain, loaded.tokenizer, PROMPTS, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_early_verdicts_stop_the_rows_they_judge_where_they_judge_them(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    full = generate(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3)
+    target = tokenizer.decode(full.tokens[0][:3], skip_special_tokens=True)
+    asked: list[int] = []
+
+    def verdicts_at(texts, tokens):  # at 3 tokens: judge the rows that read like prompt 0's, the rest read on
+        asked.append(tokens)
+        return [True if text == target else None for text in texts] if tokens == 3 else None
+
+    early = generate(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3, verdicts_at=verdicts_at)
+    assert 3 in asked and len(full.tokens[0]) > 3
+    for long, short in zip(full.tokens, early.tokens):
+        stopped = len(long) > 3 and tokenizer.decode(long[:3], skip_special_tokens=True) == target
+        assert short == (long[:3] if stopped else long)
+    assert early.tokens_generated < full.tokens_generated
+    assert generate(model, tokenizer, PROMPTS, 10, 3, verdicts_at=lambda texts, tokens: None).tokens == full.tokens
+
+
+def test_early_refusal_verdicts_count_toward_the_bound_that_ends_a_dominated_trial(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+
+    class RefusesAtThree(PhraseJudge):
+        def verdicts_at(self, partials, tokens):
+            return [True] * len(partials) if tokens == 3 else None
+
+    judge = RefusesAtThree(markers=("\x00",), opening_chars=1000)
+    stopped = measure_refusals(model, tokenizer, PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2,
+                               early_verdicts=True)
+    assert stopped.stopped_at == 2 and stopped.responses == []
+    # Without early verdicts nothing is decided before the budget: the bound is never met during generation.
+    assert measure_refusals(model, tokenizer, PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2).stopped_at is None

@@ -317,18 +317,20 @@ def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
     assert (nothing.refusals, nothing.total, nothing.responses) == (0, 0, [])
 
 
-def test_a_run_made_before_search_prompts_existed_resumes_as_what_it_was(tmp_path):
-    """Such a run's trials answered every tune prompt: it resumes with search_prompts = "all", and a resume that would
-    change what its trials measure is refused, naming the setting."""
+@pytest.mark.parametrize("setting, then", [("search_prompts", "all"), ("early_verdicts", False)])
+def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, setting, then):
+    """Such a run's trials answered every tune prompt (search_prompts) and read every answer to its end
+    (early_verdicts): it resumes with the setting as it was then, and a resume that would change what its trials
+    measure is refused, naming the setting."""
     from abliterate.run import RUN_FILE, _identity, prepare_output
 
     out = tmp_path / "old-run"
     out.mkdir()
-    identity = _identity(load_settings(search_prompts="all"))
-    del identity["search_prompts"]
+    identity = _identity(load_settings(**{setting: then}))
+    del identity[setting]
     (out / RUN_FILE).write_text(json.dumps({"identity": identity}))
-    assert prepare_output(out, load_settings(search_prompts="all"))["identity"] == identity
-    with pytest.raises(UserError, match="search_prompts"):
+    assert prepare_output(out, load_settings(**{setting: then}))["identity"] == identity
+    with pytest.raises(UserError, match=setting):
         prepare_output(out, load_settings())
 
 

@@ -156,8 +156,10 @@ def _static_decoding(model, decode: str) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
-             decode: str = "auto") -> Generation:
-    """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early. With `prefix`,
+             decode: str = "auto", verdicts_at=None) -> Generation:
+    """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early;
+    `verdicts_at(texts, tokens) -> list[bool | None] | None` (optional) is asked after every step with the open rows'
+    texts, and ends those it gives a verdict (one batched call, for judges with a model). With `prefix`,
     prefills reuse the base model's states below `first_edited_layer` (no layer below it may be edited).
     `decode`: `dynamic` (finished rows leave the batch), `static` (fixed shapes, CUDA graphs on a GPU, see
     static_decode.py) or `auto` (see `_static_decoding`)."""
@@ -199,6 +201,11 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
                 if decided is not None and decided(tokenizer.decode(tokens[index], skip_special_tokens=True)):
                     continue
                 keep.append(position)
+            if verdicts_at is not None and keep:
+                step_texts = [tokenizer.decode(tokens[active[p]], skip_special_tokens=True) for p in keep]
+                verdicts = verdicts_at(step_texts, step + 1)
+                if verdicts is not None:
+                    keep = [p for p, verdict in zip(keep, verdicts) if verdict is None]
             if not keep or step == max_new_tokens - 1:
                 break
             if decoder is not None:
@@ -390,11 +397,14 @@ class _EnoughRefusals(Exception):
 def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
                      batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
                      prefix: PrefixCache | None = None, stop_at_refusals: int | None = None,
-                     decode: str = "auto") -> RefusalResult:
+                     decode: str = "auto", early_verdicts: bool = False) -> RefusalResult:
     """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`.
     `stop_at_refusals`: stop generating as soon as that many answers are decided refusals (a search trial that
-    is then dominated whatever the rest say); the result has only `refusals` (a lower bound) and `stopped_at`."""
+    is then dominated whatever the rest say); the result has only `refusals` (a lower bound) and `stopped_at`.
+    `early_verdicts`: judges with checkpoints (`ClassifierJudge.verdicts_at`) also judge answers they are sure of there
+    and stop them (a search's trials; reported evaluations read every answer to its end)."""
     decided = getattr(judge, "decided", None) if early_stop else None
+    verdicts_at = getattr(judge, "verdicts_at", None) if early_stop and early_verdicts else None
     if decided is not None and stop_at_refusals is not None:
         judge_decided, known_refusals = decided, [0]
         # Counted as answers are decided: judges with a model count only what settles without it (a lower bound
@@ -409,10 +419,20 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
                 raise _EnoughRefusals
             return True
 
+        if verdicts_at is not None:
+            judge_verdicts_at = verdicts_at
+
+            def verdicts_at(texts: list[str], tokens: int) -> list[bool | None] | None:
+                verdicts = judge_verdicts_at(texts, tokens)
+                known_refusals[0] += sum(verdict is True for verdict in verdicts or ())
+                if known_refusals[0] >= stop_at_refusals:
+                    raise _EnoughRefusals
+                return verdicts
+
     reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
     try:
         result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
-                                                                 decode=decode, **reuse), formatted_harmful, batch_size)
+                                                                 decode=decode, verdicts_at=verdicts_at, **reuse), formatted_harmful, batch_size)
     except _EnoughRefusals:
         return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
     from abliterate.judges import judge_refusals

@@ -28,9 +28,10 @@ from abliterate.search import TrialContext, finished_trials, objective, open_stu
 RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
 IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
-                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts")
+                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts",
+                 "early_verdicts")
 # What runs made before a setting existed did, so that resuming them with that setting is still recognised.
-LEGACY_IDENTITY = {"search_prompts": "all"}
+LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False}
 
 
 @dataclass
@@ -197,7 +198,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
                        warm_start_params(settings.space, loaded.adapter.n_layers))
     refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
     context = TrialContext(loaded, directions.directions, search_harmful, tune_baseline, judge, settings.max_new_tokens,
-                           batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling)
+                           batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling,
+                           early_verdicts=settings.early_verdicts)
     run_trial = objective(context, settings.space)
     total = len(tune_harmful)
     study.set_user_attr("tune_prompts", total)

@@ -6,7 +6,8 @@ least half the base model's refusals, the part of the front users pick from. One
 apply them in memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the
 trial cannot reach the Pareto front, stop here → otherwise generate the harmful tune prompts with early decision
 and count refusals (`TrialContext.tune_harmful`: by default only those the base model refuses, see
-`run.search_prompts`). Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
+`run.search_prompts`; with `early_verdicts` the classifier judges an answer it is sure complies at 12 or 20
+tokens, see judges.py). Gibberish answers count as refusals: a degenerate answer helps nobody, so the search treats it as
 damage, not success.
 
 A trial is cut short (no generation) when its KL exceeds `max_kl`, or when a finished trial already has
@@ -125,6 +126,7 @@ class TrialContext:
     max_kl: float
     harmful_prefix: PrefixCache = field(default_factory=PrefixCache)  # base states of the harmful prompts' prefills
     refusal_ceiling: float | None = None  # `focus`: trials keeping more refusals are infeasible to the sampler
+    early_verdicts: bool = False  # judge confident answers at the judge's checkpoints (see judges.py)
 
 
 def _refusal_bound(study: optuna.Study, kl: float) -> int | None:
@@ -162,7 +164,7 @@ def objective(context: TrialContext, space: SearchSpace):
             result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
                                       context.max_new_tokens, context.batch_size,
                                       first_edited_layer=first_edited, prefix=context.harmful_prefix,
-                                      stop_at_refusals=bound)
+                                      stop_at_refusals=bound, early_verdicts=context.early_verdicts)
             trial.set_user_attr("generation_seconds", round(time.perf_counter() - started, 3))
         if result.stopped_at is not None:  # dominated part-way: recorded with the refusals it had reached
             trial.set_user_attr("cut_short", True)
