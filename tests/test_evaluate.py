@@ -198,3 +198,36 @@ def test_early_refusal_verdicts_count_toward_the_bound_that_ends_a_dominated_tri
     assert stopped.stopped_at == 2 and stopped.responses == []
     # Without early verdicts nothing is decided before the budget: the bound is never met during generation.
     assert measure_refusals(model, tokenizer, PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2).stopped_at is None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3_moe", "gemma3_text", "deepseek_v3"])
+def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type, monkeypatch):
+    """Prompts that open alike (chat header, system prompt) start from one row's cache of that head: the layers
+    compute fewer tokens, the log-probs and the greedy tokens stay those of whole prompts. Models whose cache
+    cannot be continued that way (DeepSeek-V3's multi-token continuation fails in transformers) compute whole
+    prompts, as before."""
+    import abliterate.evaluate as evaluation
+
+    model, tokenizer = build_tiny_model(model_type), build_tiny_tokenizer()
+    prompts = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]
+    batch_size = 1 if model_type == "deepseek_v3" else 3  # transformers' deepseek_v3 fails on padded batches
+    rows_through_layer_0: list[int] = []
+    layer = adapter_for(model).layers[0]
+    handle = layer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_through_layer_0.append((args[0] if args else kwargs["hidden_states"])
+                                                                 .shape[:2].numel()), with_kwargs=True)
+    try:
+        shared = next_token_logprobs(model, tokenizer, prompts, batch_size)
+        shared_tokens = generate(model, tokenizer, prompts, 6, batch_size, decided=lambda text: "a" in text).tokens
+        shared_rows, rows_through_layer_0[:] = sum(rows_through_layer_0), []
+        monkeypatch.setattr(evaluation, "SHARE_HEAD", False)
+        whole = next_token_logprobs(model, tokenizer, prompts, batch_size)
+        whole_tokens = generate(model, tokenizer, prompts, 6, batch_size, decided=lambda text: "a" in text).tokens
+        whole_rows = sum(rows_through_layer_0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert shared_tokens == whole_tokens
+    shares = evaluation._HEAD_WORKS[model]
+    assert shares == (model_type in ("llama", "gpt2", "qwen3_moe"))  # gemma3: sliding-window layers
+    assert (shared_rows < whole_rows) == shares  # the head check's few rows included

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ARCH_CONFIGS, VISION_LANGUAGE, build_tiny_model, build_tiny_tokenizer
 
+from abliterate import evaluate
 from abliterate import prefix as prefix_module
 from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.arch import adapter_for
@@ -46,9 +47,15 @@ def setup(model_type: str, **overrides):
 
 
 def check_trials(model, tokenizer, adapter, directions, batch_size, kl_prefix, gen_prefix, trials):
-    """Each trial: full forward vs prefix reuse, same numbers. Returns how often the real layer 0 ran in reuse passes."""
+    """Each trial: full forward vs prefix reuse, same numbers. Returns how often the real layer 0 ran over the prompt
+    batches in the last reuse pass (the shared head's one-row pass, `_head_cache`, runs every layer once per pass)."""
     runs = []
-    counter = adapter.layers[0].register_forward_pre_hook(lambda *_: runs.append(1))
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        runs.append(hidden.shape[0] > 1 or hidden.shape[1] > evaluate._head_length(tokenizer, tuple(PROMPTS)))
+
+    counter = adapter.layers[0].register_forward_pre_hook(count, with_kwargs=True)
     try:
         for first_layer, norm_preserving in trials:
             with ablate(*edits_from(adapter, directions, first_layer, norm_preserving)):
@@ -56,7 +63,7 @@ def check_trials(model, tokenizer, adapter, directions, batch_size, kl_prefix, g
                 full_tokens = generate(model, tokenizer, PROMPTS, 8, batch_size, decided).tokens
                 runs.clear()
                 reused = next_token_logprobs(model, tokenizer, PROMPTS, batch_size, first_layer, kl_prefix)
-                kl_layer0_runs = len(runs)
+                kl_layer0_runs = sum(runs)
                 reused_tokens = generate(model, tokenizer, PROMPTS, 8, batch_size, decided, first_layer, gen_prefix).tokens
             torch.testing.assert_close(reused, full, atol=1e-5, rtol=0)
             assert reused_tokens == full_tokens

