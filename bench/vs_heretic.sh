@@ -51,7 +51,10 @@
 # Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's
 # default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
 # (<repo>/.venv), HERETIC_VENV ($WORK/heretic-venv: made when it holds no matching heretic-llm; on a GPU machine
-# make it yourself with a CUDA torch), PYTHON (python3.11). Both tools use the GPU when torch sees one.
+# make it yourself with a CUDA torch), PYTHON (python3.11), HERETIC_FROM (the WORK folder of an earlier run with the
+# same settings: Heretic's side -- timing, choice, held-out eval -- is taken from it instead of run again, and the
+# report says so; for measuring a change to abliterate without another half hour of Heretic; use another WORK).
+# Both tools use the GPU when torch sees one.
 set -euo pipefail
 
 TRIALS=${TRIALS:-10}
@@ -107,8 +110,27 @@ logged() {
 say "settings: TRIALS=$TRIALS STARTUP=$STARTUP PROMPTS=$PROMPTS EVAL_PROMPTS=$EVAL_PROMPTS DTYPE=$DTYPE BATCH_SIZE=$BATCH_SIZE SEED=$SEED WORK=$WORK"
 [[ -x $ABLITERATE ]] || { echo "abliterate not found in $ABLITERATE_VENV (set ABLITERATE_VENV)" >&2; exit 1; }
 
+HERETIC_FROM=${HERETIC_FROM:-}
+if [[ -n $HERETIC_FROM ]]; then
+  # Heretic's side from an earlier run: its settings must be these.
+  "$ABL_PY" - "$HERETIC_FROM/summary.json" "$TRIALS" "$STARTUP" "$SEED" "$PROMPTS" "$EVAL_PROMPTS" "$DTYPE" \
+    "$HERETIC_TOKENS" <<'EOF' || exit 1
+import json, sys
+summary = json.load(open(sys.argv[1]))
+settings, wanted = summary["settings"], sys.argv[2:]
+have = [settings[k] for k in ("trials", "startup_trials", "seed", "tune_prompts", "eval_prompts", "dtype")]
+tokens = next(n for n in summary["notes"] if n.startswith("response budget")).split("Heretic ")[1].split()[0]
+if [str(v) for v in have] + [tokens] != wanted:
+    sys.exit(f"HERETIC_FROM ran with trials, startup, seed, prompts, eval prompts, dtype, Heretic tokens = "
+             f"{have + [tokens]}, not {wanted}")
+EOF
+  for name in heretic-choice.json heretic-timing.json eval-heretic.json; do cp "$HERETIC_FROM/results/$name" "$RESULTS/"; done
+  read -r HERETIC_VERSION HER_WALL < <("$ABL_PY" -c 'import json, sys; h = json.load(open(sys.argv[1]))["tools"]["heretic"]; print(h["version"], h["wall_s"])' "$HERETIC_FROM/summary.json")
+  say "heretic: taken from $HERETIC_FROM (heretic-llm $HERETIC_VERSION, same settings), not run again"
+fi
+
 # 1. Heretic in its own venv (reused when it already holds a matching heretic-llm).
-if ! "$HER_PY" - "$HERETIC_SPEC" >/dev/null 2>&1 <<'EOF'
+if [[ -z $HERETIC_FROM ]] && ! "$HER_PY" - "$HERETIC_SPEC" >/dev/null 2>&1 <<'EOF'
 import sys
 from importlib.metadata import version
 from packaging.requirements import Requirement
@@ -123,7 +145,7 @@ then
   logged "$LOGS/heretic-install-torch.log" "$HER_PY" -m pip install torch==2.13.0
   logged "$LOGS/heretic-install.log" "$HER_PY" -m pip install "$HERETIC_SPEC"
 fi
-HERETIC_VERSION=$("$HER_PY" -c 'from importlib.metadata import version; print(version("heretic-llm"))')
+[[ -n $HERETIC_FROM ]] || HERETIC_VERSION=$("$HER_PY" -c 'from importlib.metadata import version; print(version("heretic-llm"))')
 ABLITERATE_VERSION=$("$ABL_PY" -c 'import abliterate; print(abliterate.__version__)')
 DEVICE=$("$ABL_PY" -c 'import torch; print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}" if torch.cuda.is_available() else f"CPU, torch {torch.__version__}")')
 say "heretic-llm $HERETIC_VERSION, abliterate $ABLITERATE_VERSION, device: $DEVICE"
@@ -136,6 +158,7 @@ logged "$LOGS/prompts.log" "$ABL_PY" "$ADAPTER" prompts "$PROMPT_DIR" "$PROMPTS"
 say "model: $TINY_DIR; prompts: $PROMPT_DIR"
 
 # 3. Heretic: config.toml in its own working folder (Heretic reads ./config.toml), fresh checkpoint and output.
+if [[ -z $HERETIC_FROM ]]; then
 HER_DIR=$WORK/heretic
 HER_MODEL=$WORK/heretic-model
 rm -rf "$HER_DIR" "$HER_MODEL"
@@ -173,6 +196,7 @@ t0=$(now)
 HER_WALL=$(since "$t0")
 "$HER_PY" "$ADAPTER" timing "$(ls "$HER_DIR"/checkpoints/*.jsonl)" heretic >"$RESULTS/heretic-timing.json"
 say "heretic done in ${HER_WALL%.*} s"
+fi
 
 # 4. abliterate, from an empty folder (no ./config.toml or .env to pick up).
 ABL_DIR=$WORK/abliterate
@@ -190,7 +214,7 @@ ABL_WALL=$(since "$t0")
 say "abliterate done in ${ABL_WALL%.*} s"
 
 # 5. Both chosen models, measured by the same command on the held-out split.
-for tool in heretic abliterate; do
+for tool in $([[ -n $HERETIC_FROM ]] || echo heretic) abliterate; do
   dir=$WORK/$tool-model
   say "abliterate eval $dir (log: $LOGS/eval-$tool.log)"
   logged "$LOGS/eval-$tool.log" "$ABLITERATE" eval "$dir" --base tiny --split eval --limit "$EVAL_PROMPTS" \
@@ -199,7 +223,7 @@ for tool in heretic abliterate; do
 done
 
 # 6. Report.
-"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" "$HERETIC_TOKENS" "$DEVICE" <<'EOF'
+"$ABL_PY" - "$WORK" "$HER_WALL" "$ABL_WALL" "$HERETIC_VERSION" "$ABLITERATE_VERSION" "$HERETIC_PREFIX_CHECK" "$HERETIC_TOKENS" "$DEVICE" "$HERETIC_FROM" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -239,7 +263,8 @@ notes = [
     "both tools share the machine with whatever else runs on it: timings are as noisy as its load",
     f"response budget per trial: Heretic {sys.argv[7]} new tokens, abliterate {settings['max_new_tokens']} "
     "(each tool's default unless HERETIC_TOKENS says otherwise); the held-out eval uses abliterate's for both",
-]
+] + ([f"Heretic's side (timing, choice, held-out eval) taken from the earlier run in {sys.argv[9]}, same settings"]
+     if sys.argv[9] else [])
 summary = {"tools": tools, "ratio_trials_per_hour": ratio, "base_eval": base, "device": sys.argv[8], "notes": notes,
            "settings": {
     k: settings[k] for k in ("trials", "startup_trials", "seed", "tune_prompts", "eval_prompts", "direction_prompts",
@@ -265,4 +290,6 @@ for name, tool in tools.items():
           f"multi-token KL {fmt(e['kl_multi_token'])}")
 print(f"ratio (abliterate/heretic trials per hour): {ratio:.2f}; response budget: heretic {sys.argv[7]} tokens, "
       f"abliterate {settings['max_new_tokens']}")
+if sys.argv[9]:
+    print(f"heretic's side taken from {sys.argv[9]} (same settings), not run again")
 EOF
