@@ -100,7 +100,8 @@ class RunSettings(BaseSettings):
         "The saved model is measured on all of them either way.")
     early_verdicts: bool = Field(
         True, description="Search trials stop an answer at 12 or 20 tokens when the classifier is sure it complies "
-        "(measured: no verdict changed) instead of reading all max_new_tokens; reported evaluations read to the end.")
+        "(measured on 384 real answers: 1 verdict changed) instead of reading all max_new_tokens; reported evaluations read "
+        "to the end.")
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
     system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
     batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")
