@@ -294,16 +294,18 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
             step_tokens = next_tokens.tolist()
             if decoder is not None and step > 0:
                 step_tokens = [step_tokens[row] for row in rows]
+            open_texts = []  # each kept row's answer so far, decoded once per step
             for position, (index, token) in enumerate(zip(active, step_tokens)):
                 if token in eos_ids:
                     continue
                 tokens[index].append(token)
-                if decided is not None and decided(tokenizer.decode(tokens[index], skip_special_tokens=True)):
+                text = tokenizer.decode(tokens[index], skip_special_tokens=True) if decided or verdicts_at else ""
+                if decided is not None and decided(text):
                     continue
                 keep.append(position)
+                open_texts.append(text)
             if verdicts_at is not None and keep:
-                step_texts = [tokenizer.decode(tokens[active[p]], skip_special_tokens=True) for p in keep]
-                verdicts = verdicts_at(step_texts, step + 1)
+                verdicts = verdicts_at(open_texts, step + 1)
                 if verdicts is not None:
                     keep = [p for p, verdict in zip(keep, verdicts) if verdict is None]
             if not keep or step == max_new_tokens - 1:
