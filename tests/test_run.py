@@ -338,6 +338,23 @@ def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, se
         prepare_output(out, load_settings())
 
 
+def test_a_run_resumes_whatever_warm_start_it_began_with(tmp_path):
+    """The warm start only queues a new study's first trials: a run begun with another one (e.g. before the
+    default changed) resumes with today's settings; a change to the rest of the space is still refused."""
+    from abliterate.run import RUN_FILE, _identity, prepare_output
+
+    out = tmp_path / "old-run"
+    out.mkdir()
+    identity = _identity(load_settings())
+    identity["space"] = identity["space"] | {"warm_start": [0.8, 0.9, 1.0]}  # as runs stored it before session 13
+    (out / RUN_FILE).write_text(json.dumps({"identity": identity}))
+    assert "warm_start" not in _identity(load_settings())["space"]
+    prepare_output(out, load_settings())  # resumes
+    (out / RUN_FILE).write_text(json.dumps({"identity": identity | {"space": identity["space"] | {"max_weight": [0.8, 1.2]}}}))
+    with pytest.raises(UserError, match="space"):
+        prepare_output(out, load_settings())
+
+
 def test_interactive_choice_in_a_pseudo_terminal(tiny_model_dir, prompt_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "abliterate.cli", *run_args(tiny_model_dir, prompt_dir, out)]

