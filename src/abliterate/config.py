@@ -8,6 +8,7 @@ listed in the shipped `config.default.toml`. Unknown keys are errors that name t
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -188,23 +189,27 @@ def default_toml() -> str:
             continue
         value = field.get_default(call_default_factory=True)
         lines.append(f"# {field.description}")
-        lines.append(f"# {name} = {_toml_value(value)}" if value is None else f"{name} = {_toml_value(value)}")
+        lines.append(f"# {name} = {toml_value(value)}" if value is None else f"{name} = {toml_value(value)}")
     lines += ["", "[space]"]
     space = SearchSpace()
     for name in SearchSpace.model_fields:
-        lines.append(f"{name} = {_toml_value(getattr(space, name))}")
+        lines.append(f"{name} = {toml_value(getattr(space, name))}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """`value` as a TOML value (inline tables for mappings and models; strings escaped as JSON, which TOML's basic
+    strings accept)."""
     if isinstance(value, BaseModel):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.model_dump().items()) + "}"
+        value = value.model_dump()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value, ensure_ascii=False)
     if value is None:
         return '""'
     return repr(value)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from abliterate import __version__
+from abliterate.config import toml_value
 from abliterate.errors import UserError
 
 RECORD, RUN_STATE = "abliteration.json", "run.json"
@@ -176,8 +177,8 @@ def reproduce_config(record: dict) -> str:
     settings = {k: v for k, v in record["settings"].items() if v is not None and k != "device_map"}
     space = settings.pop("space", {})
     lines = [f"# settings of the run that made {record['base_model']} abliterated ({record.get('tool', 'abliterate')})"]
-    lines += [f"{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in settings.items()]
-    lines += ["", "[space]", *(f"{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in space.items())]
+    lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+    lines += ["", "[space]", *(f"{key} = {toml_value(value)}" for key, value in space.items())]
     return "\n".join(lines) + "\n"
 
 
