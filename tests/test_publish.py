@@ -153,6 +153,8 @@ def test_reproduce_config_resumes_the_same_run(finished_run, monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     settings = load_settings(str(tmp_path / "config.toml"))
     assert _identity(settings) == json.loads((finished_run / "run.json").read_text())["identity"]
+    record = json.loads((finished_run / "abliteration.json").read_text())
+    assert settings.model_dump(mode="json")["space"] == record["settings"]["space"]  # warm start included
 
 
 def test_private_flag_passes_through_and_a_public_repo_is_not_pushed_to_as_private(finished_run, online):
