@@ -213,12 +213,13 @@ ABL_WALL=$(since "$t0")
 "$ABL_PY" "$ADAPTER" timing "$ABL_MODEL/study.journal" abliterate >"$RESULTS/abliterate-timing.json"
 say "abliterate done in ${ABL_WALL%.*} s"
 
-# 5. Both chosen models, measured by the same command on the held-out split.
+# 5. Both chosen models, measured by the same command on the held-out split, at the same batch size (a saved
+#    abliterate model would otherwise be measured at the batch its record names, Heretic's at the automatic choice).
 for tool in $([[ -n $HERETIC_FROM ]] || echo heretic) abliterate; do
   dir=$WORK/$tool-model
   say "abliterate eval $dir (log: $LOGS/eval-$tool.log)"
   logged "$LOGS/eval-$tool.log" "$ABLITERATE" eval "$dir" --base tiny --split eval --limit "$EVAL_PROMPTS" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --dtype "$DTYPE" --json
+    --max-new-tokens "$MAX_NEW_TOKENS" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --json
   grep '^{' "$LOGS/eval-$tool.log" | tail -n 1 >"$RESULTS/eval-$tool.json"
 done
 
