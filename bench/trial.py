@@ -4,9 +4,10 @@
 
 A trial = plan + apply the edit (hooks) + first-token KL on the benign tune prompts + refusal generation
 with early decision, exactly as `abliterate run` does it (layers below the first edited one reused from the
-base model). The floor is what the same tokens cost through the bare model with no reuse: one forward pass
-over the benign prompts, plus a prefill and one cached decode step per generated token. Each trial is also
-measured without prefix reuse, so the two show what reuse saves. All in one run, so ratios hold on any CPU.
+base model; on a CPU in float32 the linear weights prepacked, packed.py; `--no-packed`: plain modules). The floor
+is what the same tokens cost through the bare model (plain modules) with no reuse: one forward pass over the benign
+prompts, plus a prefill and one cached decode step per generated token. Each trial is also measured without prefix
+reuse, so the two show what reuse saves. All in one run, so ratios hold on any CPU.
 `--decode A,B`: each trial's generation is also run with the other decoding (evaluate.generate's `decode`: dynamic,
 static = fixed shapes and CUDA graphs on a GPU), timed, and its answers compared with the first's.
 """
@@ -24,6 +25,7 @@ from abliterate.config import SearchSpace
 from abliterate.directions import measure_directions
 from abliterate.evaluate import Baseline, generate, measure_refusals
 from abliterate.judges import DEFAULT_JUDGE, get_judge, judge_refusals
+from abliterate.packed import packed_linears
 from abliterate.prefix import PrefixCache
 from abliterate.load import load_model
 from abliterate.prompts import format_prompts, load_prompts
@@ -58,6 +60,8 @@ def main():
                         help="--model is a folder with a config and a tokenizer only: time that architecture with random "
                              "weights (the same cost per step as the real model; the answers are noise)")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--no-packed", dest="packed", action="store_false",
+                        help="trials through the plain linear modules (run packs them on a CPU in float32, packed.py)")
     args = parser.parse_args()
     loaded = load_model(random_model(args.model) if args.random_init else args.model, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -77,7 +81,7 @@ def main():
         params = suggest_params(trial, SearchSpace(), loaded.adapter.n_layers)
         edits = plan_edits(loaded.adapter, directions, params)
         first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
-        with ablate(edits, params.norm_preserving):
+        with packed_linears(model, enabled=args.packed), ablate(edits, params.norm_preserving):
             t_plan = time.perf_counter()
             kl = baseline.kl(model, tokenizer, args.batch_size, first_edited)
             t_kl = time.perf_counter()

@@ -22,6 +22,7 @@ from abliterate.directions import Directions, measure_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Baseline, choose_batch_size, evaluate
 from abliterate.judges import get_judge
+from abliterate.packed import packed_linears
 from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
 from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
 
@@ -215,16 +216,17 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
 
     def search(target: int) -> None:
         nonlocal trials_run
-        while (done := len(finished_trials(study))) < target:
-            trial = study.ask()
-            try:
-                values = run_trial(trial)
-            except BaseException:
-                study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
-                raise
-            frozen = study.tell(trial, values)
-            trials_run += 1
-            hooks.trial_done(study, frozen, done + 1, target)
+        with packed_linears(loaded.model):  # CPU float32: weights prepacked for the trials' small products
+            while (done := len(finished_trials(study))) < target:
+                trial = study.ask()
+                try:
+                    values = run_trial(trial)
+                except BaseException:
+                    study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+                    raise
+                frozen = study.tell(trial, values)
+                trials_run += 1
+                hooks.trial_done(study, frozen, done + 1, target)
 
     search(settings.trials)
     while True:
