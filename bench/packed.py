@@ -46,7 +46,7 @@ def main():
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     for label, module in (("largest MLP matrix", max(linears[:-1], key=lambda m: m.weight.numel())),
                           ("LM head", linears[-1])):
-        pack = _PackedForward(module).packs[module.weight.data_ptr()][1]
+        pack = _PackedForward(module).original_pack
 
         def packed(x, module=module, pack=pack):  # the packed product itself, at any row count
             return torch.ops.mkldnn._linear_pointwise(x, pack, module.bias, "none", [], "")

@@ -231,3 +231,31 @@ def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type
     shares = evaluation._HEAD_WORKS[model]
     assert shares == (model_type in ("llama", "gpt2", "qwen3_moe"))  # gemma3: sliding-window layers
     assert (shared_rows < whole_rows) == shares  # the head check's few rows included
+
+
+def test_a_trials_two_passes_compute_their_common_head_once():
+    """A search trial's KL pass and its generation open with the same chat header: with one `heads` memo for the
+    trial's model, the header's one-row pass runs once, not once per pass, and changes nothing."""
+    import abliterate.evaluate as evaluation
+
+    model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
+    benign = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]
+    harmful = [f"<|system|>Be brief.<|end|><|user|>{verb} harm, {i}<|end|><|assistant|>"
+               for i, verb in enumerate(["Do", "Cause", "Plan", "Make", "Wish"])]  # the same head as `benign`
+    separate = (next_token_logprobs(model, tokenizer, benign, 3),
+                generate(model, tokenizer, harmful, 6, 3, decided=lambda text: "a" in text).tokens)
+    head = evaluation._head_length(tokenizer, tuple(benign))
+    assert head == evaluation._head_length(tokenizer, tuple(harmful)) > 0
+    header_passes: list[bool] = []  # one row, the header's length: the header's own pass
+    handle = adapter_for(model).layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: header_passes.append(
+            tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]) == (1, head)), with_kwargs=True)
+    heads: dict = {}
+    try:
+        shared = (next_token_logprobs(model, tokenizer, benign, 3, heads=heads),
+                  generate(model, tokenizer, harmful, 6, 3, decided=lambda text: "a" in text, heads=heads).tokens)
+    finally:
+        handle.remove()
+    assert len(heads) == 1 and sum(header_passes) == 1
+    torch.testing.assert_close(shared[0], separate[0], atol=0, rtol=0)
+    assert shared[1] == separate[1]

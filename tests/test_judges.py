@@ -107,3 +107,30 @@ def test_classifier_gives_early_verdicts_only_when_sure_and_only_at_its_checkpoi
     unsure = "Well, this is a complicated topic with many sides to consider, and"
     probability = judges._bundled_classifier().predict_proba(judges._features([unsure]))[0, 1]
     assert probability >= judge.checkpoints[12] and judge.verdicts_at([unsure], 12) == [None]
+
+
+def test_each_distinct_opening_is_encoded_once_and_the_oldest_are_let_go(monkeypatch):
+    """A search reads the same openings trial after trial: the sentence encoder sees each distinct one once, and
+    gives what encoding it afresh gives."""
+    import numpy as np
+
+    import abliterate.judges as judges
+
+    real = judges._sentence_encoder()
+    batches: list[list[str]] = []
+
+    def counting(texts):
+        batches.append(list(texts))
+        return real(texts)
+
+    monkeypatch.setattr(judges, "_sentence_encoder", lambda: counting)
+    monkeypatch.setattr(judges, "_FEATURES", {})
+    first = judges._features(["Sure, here is how.", "I can't help with that.", "Sure, here is how."])
+    second = judges._features(["I can't help with that.", "Here are the steps: 1."])
+    assert batches == [["Sure, here is how.", "I can't help with that."], ["Here are the steps: 1."]]
+    fresh = real(["Sure, here is how.", "I can't help with that.", "Here are the steps: 1."]).numpy()
+    np.testing.assert_allclose(np.concatenate([first, second]), fresh[[0, 1, 0, 1, 2]], atol=1e-5)
+
+    monkeypatch.setattr(judges, "_FEATURES_KEPT", 2)
+    judges._features(["A new opening."])  # three kept would be too many: the oldest goes
+    assert list(judges._FEATURES) == ["Here are the steps: 1.", "A new opening."]

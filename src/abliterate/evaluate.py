@@ -82,16 +82,24 @@ def _tokenised_after_head(tokenizer, texts: tuple[str, ...], head: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _head_cache(model, tokenizer, texts: tuple[str, ...]):
+def _head_cache(model, tokenizer, texts: tuple[str, ...], heads: dict | None = None):
     """(head length, the shared head's KV cache for one row) computed by `model` as it is now (a trial's edits
-    included), or (0, None) when the texts share no head worth it or the model's cache cannot be copied."""
+    included), or (0, None) when the texts share no head worth it or the model's cache cannot be copied.
+    `heads`: caches already computed by the model in this same state, by head tokens (a trial's KL pass and its
+    generation open with the same chat header: computed once for both); new ones are added to it."""
     head = _head_length(tokenizer, texts) if SHARE_HEAD and len(texts) > 1 else 0
     if not head:
         return 0, None
-    ids = torch.tensor([_token_ids(tokenizer, texts[0])[:head]], device=_device(model))
+    head_ids = _token_ids(tokenizer, texts[0])[:head]
+    if heads is not None and head_ids in heads:
+        return head, heads[head_ids]
+    ids = torch.tensor([head_ids], device=_device(model))
     if not _continues_from_a_head(model, ids):
         return 0, None
-    return head, cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    cache = cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    if heads is not None:
+        heads[head_ids] = cache  # never written: every pass continues from views of it (`_expanded`)
+    return head, cache
 
 
 def _continues_from_a_head(model, ids: torch.Tensor) -> bool:
@@ -256,13 +264,13 @@ def _static_decoding(model, decode: str) -> bool:
 @torch.no_grad()
 def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
-             decode: str = "auto", verdicts_at=None) -> Generation:
+             decode: str = "auto", verdicts_at=None, heads: dict | None = None) -> Generation:
     """Greedy decoding with a KV cache. `decided(text) -> bool` (optional) ends a sequence early;
     `verdicts_at(texts, tokens) -> list[bool | None] | None` (optional) is asked after every step with the open rows'
     texts, and ends those it gives a verdict (one batched call, for judges with a model). With `prefix`,
     prefills reuse the base model's states below `first_edited_layer` (no layer below it may be edited).
     `decode`: `dynamic` (finished rows leave the batch), `static` (fixed shapes, CUDA graphs on a GPU, see
-    static_decode.py) or `auto` (see `_static_decoding`)."""
+    static_decode.py) or `auto` (see `_static_decoding`). `heads`: see `_head_cache`."""
     texts: list[str] = [""] * len(formatted_prompts)
     all_tokens: list[list[int]] = [[] for _ in formatted_prompts]
     generated = 0
@@ -272,7 +280,7 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
     order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
     index_batches = [indices for _, indices in _batches(order, batch_size)]
     batches = [tuple(formatted_prompts[i] for i in indices) for indices in index_batches]
-    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts))
+    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts), heads)
     for batch_indices, batch in zip(index_batches, batches):
         inputs = _batch_inputs(model, tokenizer, batch, head, head_cache, device, use_cache=True, logits_to_keep=1)
         mask = inputs["attention_mask"]
@@ -356,13 +364,13 @@ def generate_greedy(model, tokenizer, formatted_prompts: list[str], max_new_toke
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, formatted_prompts: list[str], batch_size: int = 16,
                         first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
-                        on_cpu: bool = True) -> torch.Tensor:
-    """[N, vocab] float32 log-probabilities of the first response token (`prefix`: as in `generate`); `on_cpu=False`:
-    left where the model computed them."""
+                        on_cpu: bool = True, heads: dict | None = None) -> torch.Tensor:
+    """[N, vocab] float32 log-probabilities of the first response token (`prefix`, `heads`: as in `generate`);
+    `on_cpu=False`: left where the model computed them."""
     device = _device(model)
     rows = []
     batches = [tuple(batch) for _, batch in _batches(formatted_prompts, batch_size)]
-    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts))
+    head, head_cache = _head_cache(model, tokenizer, tuple(formatted_prompts), heads)
     for texts in batches:
         run = functools.partial(model, **_batch_inputs(model, tokenizer, texts, head, head_cache, device,
                                                        use_cache=False, logits_to_keep=1))
@@ -453,11 +461,13 @@ class Baseline:
         length = self.top_ids.shape[1]
         return torch.tensor([[1.0] * len(c) + [0.0] * (length - len(c)) for c in self.continuations])
 
-    def kl(self, model, tokenizer, batch_size: int = 16, first_edited_layer: int | None = None) -> float:
-        """First-token KL. `first_edited_layer`: layers below it are the base model's, so they are not recomputed."""
+    def kl(self, model, tokenizer, batch_size: int = 16, first_edited_layer: int | None = None,
+           heads: dict | None = None) -> float:
+        """First-token KL. `first_edited_layer`: layers below it are the base model's, so they are not recomputed.
+        `heads`: see `_head_cache`."""
         # Compared where the model computed them: on a GPU a trial then moves one number to the host, not [N, vocab].
         logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size, first_edited_layer, self.prefix,
-                                       on_cpu=False)
+                                       on_cpu=False, heads=heads)
         return kl_divergence(self._first_token_logprobs_on(logprobs.device), logprobs)
 
     def _first_token_logprobs_on(self, device: torch.device) -> torch.Tensor:
@@ -499,12 +509,12 @@ class _EnoughRefusals(Exception):
 def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
                      batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
                      prefix: PrefixCache | None = None, stop_at_refusals: int | None = None,
-                     decode: str = "auto", early_verdicts: bool = False) -> RefusalResult:
+                     decode: str = "auto", early_verdicts: bool = False, heads: dict | None = None) -> RefusalResult:
     """Generate (deciding early when the judge allows) and judge each response. `prefix`: as in `generate`.
     `stop_at_refusals`: stop generating as soon as that many answers are decided refusals (a search trial that
     is then dominated whatever the rest say); the result has only `refusals` (a lower bound) and `stopped_at`.
     `early_verdicts`: judges with checkpoints (`ClassifierJudge.verdicts_at`) also judge answers they are sure of there
-    and stop them (a search's trials; reported evaluations read every answer to its end)."""
+    and stop them (a search's trials; reported evaluations read every answer to its end). `heads`: as in `generate`."""
     decided = getattr(judge, "decided", None) if early_stop else None
     verdicts_at = getattr(judge, "verdicts_at", None) if early_stop and early_verdicts else None
     if decided is not None and stop_at_refusals is not None:
@@ -534,7 +544,8 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
     reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
     try:
         result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
-                                                                 decode=decode, verdicts_at=verdicts_at, **reuse), formatted_harmful, batch_size)
+                                                                 decode=decode, verdicts_at=verdicts_at, heads=heads,
+                                                                 **reuse), formatted_harmful, batch_size)
     except _EnoughRefusals:
         return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
     from abliterate.judges import judge_refusals

@@ -31,27 +31,33 @@ PLAIN_ROWS = 3  # at this many rows or fewer the plain product is the faster one
 class _PackedForward:
     """A Linear's forward through its prepacked weight. A weight swapped in meanwhile (a norm-preserving trial
     replaces `weight.data`) is packed on first use; the tensor packed from is held, so its memory cannot be reused by
-    another tensor at the same address while the pack is kept."""
+    another tensor at the same address while the pack is kept. Called ~5,000 times per trial: kept lean."""
 
     def __init__(self, module: nn.Linear):
-        self.module = module
+        self.weight, self.bias = module.weight, module.bias  # the Parameters: a swap replaces their data, not them
         self.original = module.weight.data
-        self.packs = {self.original.data_ptr(): (self.original, _pack(self.original))}
+        self.original_pointer, self.original_pack = self.original.data_ptr(), _pack(self.original)
+        self.other = None  # (tensor, its pack): the latest weight swapped in
+        self.plain_up_to = PLAIN_ROWS * module.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= PLAIN_ROWS * x.shape[-1]:  # a row or three: the plain product reads the weight once, faster
-            return nn.functional.linear(x, self.module.weight, self.module.bias)
-        weight = self.module.weight.data
-        entry = self.packs.get(weight.data_ptr())
-        if entry is None or entry[0].shape != weight.shape:
-            # keep the original's pack and the latest other one: a trial swaps in at most one tensor per weight
-            self.packs = {self.original.data_ptr(): self.packs[self.original.data_ptr()],
-                          weight.data_ptr(): (weight, _pack(weight))}
-            entry = self.packs[weight.data_ptr()]
-        bias = None if self.module.bias is None else self.module.bias.data
-        shape = x.shape
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), entry[1], bias, "none", [], "")
-        return out.reshape(*shape[:-1], out.shape[-1])
+        if x.numel() <= self.plain_up_to:  # a row or three: the plain product reads the weight once, faster
+            return _linear(x, self.weight, self.bias)
+        weight = self.weight
+        if weight.data_ptr() == self.original_pointer and weight.shape == self.original.shape:
+            pack = self.original_pack
+        else:
+            if self.other is None or self.other[0].data_ptr() != weight.data_ptr() or self.other[0].shape != weight.shape:
+                data = weight.data
+                self.other = (data, _pack(data))
+            pack = self.other[1]
+        bias = None if self.bias is None else self.bias.data
+        out = _packed_linear(x.reshape(-1, x.shape[-1]), pack, bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_linear = nn.functional.linear
+_packed_linear = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def packable(model: nn.Module) -> list[nn.Linear]:
     """The modules `packed_linears` would pack (empty: nothing to gain or not safe to)."""
-    if not (ENABLED and torch.backends.mkldnn.is_available()):
+    if not (ENABLED and _packed_linear is not None and torch.backends.mkldnn.is_available()):
         return []
     if len({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()} - {"cpu"}):
         return []  # offloaded or spread over devices: accelerate moves the weights in its hooks

@@ -151,9 +151,10 @@ def objective(context: TrialContext, space: SearchSpace):
         edits = plan_edits(loaded.adapter, context.directions, params)
         # layers below the first edited one compute what the base model does: reuse it, don't recompute it
         first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
+        heads = {}  # the chat header's cache, computed by this trial's model once for both passes
         with ablate(edits, params.norm_preserving):
             started = time.perf_counter()
-            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size, first_edited)
+            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size, first_edited, heads)
             trial.set_user_attr("kl_seconds", round(time.perf_counter() - started, 3))  # where a trial's time goes
             bound = _refusal_bound(trial.study, kl) if math.isfinite(kl) else None
             if not math.isfinite(kl) or kl > context.max_kl or bound == 0:
@@ -163,7 +164,7 @@ def objective(context: TrialContext, space: SearchSpace):
             result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
                                       context.max_new_tokens, context.batch_size,
                                       first_edited_layer=first_edited, prefix=context.harmful_prefix,
-                                      stop_at_refusals=bound, early_verdicts=context.early_verdicts)
+                                      stop_at_refusals=bound, early_verdicts=context.early_verdicts, heads=heads)
             trial.set_user_attr("generation_seconds", round(time.perf_counter() - started, 3))
         if result.stopped_at is not None:  # dominated part-way: recorded with the refusals it had reached
             trial.set_user_attr("cut_short", True)
