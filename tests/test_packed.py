@@ -85,7 +85,8 @@ def test_a_packed_product_that_disagrees_is_never_used(monkeypatch):
 
 
 def test_a_run_records_the_same_trials_packed_as_plain(tiny_model_dir, tmp_path, monkeypatch):
-    """`run` packs for its trials (a CPU, float32) and the packing changes no recorded number."""
+    """`run` packs for its trials (a CPU, float32: forced, as `auto` picks bfloat16 where the CPU has fast bf16)
+    and the packing changes no recorded number."""
     import json
     from contextlib import contextmanager
 
@@ -115,7 +116,7 @@ def test_a_run_records_the_same_trials_packed_as_plain(tiny_model_dir, tmp_path,
         result = CliRunner().invoke(main, [
             "run", str(tiny_model_dir), "-o", str(out), "--harmful", str(tmp_path / "harmful.txt"), "--harmless",
             str(tmp_path / "harmless.txt"), "--trials", "4", "--startup-trials", "2", "--tune-prompts", "6",
-            "--eval-prompts", "3", "--max-new-tokens", "6"], catch_exceptions=False)
+            "--eval-prompts", "3", "--max-new-tokens", "6", "--dtype", "float32"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         trials[packed] = [t.values for t in open_study(str(out / "study.journal"), 0, 2).get_trials(deepcopy=False)]
         assert json.loads((out / "abliteration.json").read_text())["trials_finished"] == 4
