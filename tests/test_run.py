@@ -321,12 +321,13 @@ def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
     assert (nothing.refusals, nothing.total, nothing.responses) == (0, 0, [])
 
 
-@pytest.mark.parametrize("setting, then", [("search_prompts", "all"), ("early_verdicts", False)])
+@pytest.mark.parametrize("setting, then", [("search_prompts", "all"), ("early_verdicts", False), ("winsorize", 1.0)])
 def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, setting, then):
-    """Such a run's trials answered every tune prompt (search_prompts) and read every answer to its end
-    (early_verdicts): it resumes with the setting as it was then, and a resume that would change what its trials
-    measure is refused, naming the setting."""
-    from abliterate.run import RUN_FILE, _identity, prepare_output
+    """Such a run's trials answered every tune prompt (search_prompts), read every answer to its end
+    (early_verdicts), used directions from unclamped residuals (winsorize): it resumes with the setting as it was
+    then (`--resume` included), and a resume that would change what its trials measure is refused, naming the
+    setting."""
+    from abliterate.run import RUN_FILE, _identity, prepare_output, stored_settings
 
     out = tmp_path / "old-run"
     out.mkdir()
@@ -334,6 +335,7 @@ def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, se
     del identity[setting]
     (out / RUN_FILE).write_text(json.dumps({"identity": identity}))
     assert prepare_output(out, load_settings(**{setting: then}))["identity"] == identity
+    assert prepare_output(out, load_settings(**stored_settings(out)))["identity"] == identity  # what --resume does
     with pytest.raises(UserError, match=setting):
         prepare_output(out, load_settings())
 

