@@ -10,10 +10,11 @@ benign ones), so that points one or two refusals apart can be told apart. The de
 POINT is DEPTH:ATTN:MLP:FROM — the direction taken at DEPTH (a fraction of depth, interpolated between layers),
 removed at weight ATTN from the attention outputs and MLP from the MLP outputs of every layer from FROM (a fraction
 of depth: 0.4 is layer 9.2, i.e. layers 10..23 of 24) to the last. DEPTH:ATTN:MLP:FROM:DEPTH2 also removes a second
-direction (a "cone"): the one at DEPTH2, made orthogonal to the first, at the same weights. Directions: the run's
-defaults (128 + 128 train prompts, projected on the harmless mean); --winsorize Q clamps each residual at its
-Q-quantile of |h| first, --positions N averages each prompt's last N tokens instead of taking the last one. The tune
-split has 130 harmful prompts; nothing here reads the eval split.
+direction (a "cone"): the one at DEPTH2, made orthogonal to the first, at the same weights. Directions: 128 + 128
+train prompts, projected on the harmless mean, from residuals as they are — what the warm-start table in the README
+was measured with; `run` clamps them at the 0.99-quantile since (`--winsorize 0.99` measures that). --winsorize Q
+clamps each residual at its Q-quantile of |h| first; --positions N averages each prompt's last N tokens instead of
+taking the last one. The tune split has 130 harmful prompts; nothing here reads the eval split.
 """
 
 from __future__ import annotations
