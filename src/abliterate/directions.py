@@ -5,7 +5,9 @@
     μ⁺_ℓ    = mean over harmful prompts of h_ℓ,  μ⁻_ℓ = mean over harmless prompts
     r_ℓ     = normalize(μ⁺_ℓ − μ⁻_ℓ)
     projected option:  r_ℓ = normalize(d − (d·m̂)m̂),  d = μ⁺_ℓ − μ⁻_ℓ,  m̂ = normalize(μ⁻_ℓ)
-    winsorize option:  each residual clamped to ±(its q-quantile of |h|) before averaging (tames outliers)
+    winsorize option:  each residual clamped to ±(its q-quantile of |h|) before averaging (tames outliers;
+                       `run` uses q = 0.99: a few dimensions carry |h| many times the rest's)
+    positions option:  h_ℓ(p) = the mean of p's last N token residuals instead of the last one's
 
 Means are accumulated in float64 as a stream over batches: only one batch's last-token residuals exist
 at a time, never all residuals. The forward pass stops after the last decoder layer (no final norm,
