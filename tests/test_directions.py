@@ -123,3 +123,29 @@ def test_directions_of_another_model_are_rejected(llama):
     other = Directions(torch.randn(7, 48), metadata={"model": "other-model"})
     with pytest.raises(UserError, match="other-model.*7 layers"):
         other.fitted_to(adapter)
+
+
+class ScriptedJudge:
+    """Says refusal or not for each answer in turn, whatever the answer says."""
+
+    def __init__(self, verdicts: list[bool]):
+        self.verdicts = verdicts
+
+    def refusals(self, texts: list[str]) -> list[bool]:
+        assert len(texts) == len(self.verdicts)
+        return list(self.verdicts)
+
+
+def test_directions_come_from_the_harmful_prompts_the_model_refuses(llama):
+    """Arditi et al.'s filter: the prompts whose answers the judge calls refusals, in their order; when fewer than
+    MIN_REFUSED_FOR_DIRECTIONS are refused (a model that hardly refuses), None: the caller keeps all of them."""
+    from abliterate.evaluate import MIN_REFUSED_FOR_DIRECTIONS, refused_subset
+
+    model, tokenizer, _ = llama
+    prompts = [f"prompt number {i}" for i in range(12)]
+    enough = [i % 4 != 1 for i in range(12)]  # 9 refused
+    assert sum(enough) >= MIN_REFUSED_FOR_DIRECTIONS
+    refused = refused_subset(model, tokenizer, prompts, prompts, ScriptedJudge(enough), 2, 5)
+    assert refused == [p for p, verdict in zip(prompts, enough) if verdict]
+    too_few = [i < MIN_REFUSED_FOR_DIRECTIONS - 1 for i in range(12)]
+    assert refused_subset(model, tokenizer, prompts, prompts, ScriptedJudge(too_few), 2, 5) is None

@@ -16,6 +16,7 @@ from conftest import pty_run
 
 from abliterate.cli import main
 from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
+from abliterate.directions import Directions
 from abliterate.errors import UserError
 from abliterate.pick import refusal_tolerance
 from abliterate.search import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
@@ -51,6 +52,9 @@ def test_run_saves_a_measured_model_and_eval_reproduces_its_numbers(tiny_model_d
     record = json.loads((out / "abliteration.json").read_text())
     assert record["trials_finished"] == 3 and record["seed"] == 0 and len(record["directions"]["sha256"]) == 64
     assert set(record["prompt_sets_sha256"]) == {f"{s}_{k}" for s in ("train", "tune", "eval") for k in ("harmful", "harmless")}
+    # The random model refuses at most 4 of the 4 harmful train prompts, fewer than the filter needs: all 4 are used.
+    measured_from = Directions.load(out / "directions.safetensors").metadata
+    assert (measured_from["harmful_filter"], measured_from["harmful_offered"], measured_from["harmful_count"]) == ("refused", 4, 4)
     card = (out / "README.md").read_text()
     assert "eval (held out)" in card and "tune (optimised on)" in card and f"trial {record['trial']}" in card
     # Each trial records where its time went: the KL pass, then generation (unless cut short before it).
@@ -321,12 +325,13 @@ def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
     assert (nothing.refusals, nothing.total, nothing.responses) == (0, 0, [])
 
 
-@pytest.mark.parametrize("setting, then", [("search_prompts", "all"), ("early_verdicts", False), ("winsorize", 1.0)])
+@pytest.mark.parametrize("setting, then", [("search_prompts", "all"), ("early_verdicts", False), ("winsorize", 1.0),
+                                           ("direction_harmful", "all")])
 def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, setting, then):
     """Such a run's trials answered every tune prompt (search_prompts), read every answer to its end
-    (early_verdicts), used directions from unclamped residuals (winsorize): it resumes with the setting as it was
-    then (`--resume` included), and a resume that would change what its trials measure is refused, naming the
-    setting."""
+    (early_verdicts), used directions from unclamped residuals (winsorize) of all harmful prompts (direction_harmful):
+    it resumes with the setting as it was then (`--resume` included), and a resume that would change what its trials
+    measure is refused, naming the setting."""
     from abliterate.run import RUN_FILE, _identity, prepare_output, stored_settings
 
     out = tmp_path / "old-run"

@@ -173,6 +173,12 @@ def test_run_searches_saves_a_model_that_refuses_less_on_held_out_prompts_and_ev
     assert len(base_refused) == record["metrics"]["base"]["tune"]["refusals"] < 12
     assert max(t.values[0] for t in finished_trials(open_study(str(out / "study.journal"), 0, 4))) <= len(base_refused)
     assert record["metrics"]["abliterated"]["tune"]["total"] == 12
+    # The directions came from the train prompts the base refuses (direction_harmful = "refused"): most, not all, of 32.
+    from abliterate.directions import Directions
+
+    measured_from = Directions.load(out / "directions.safetensors").metadata
+    print(f"directions from {measured_from['harmful_count']} of {measured_from['harmful_offered']} harmful train prompts")
+    assert measured_from["harmful_filter"] == "refused" and 8 <= measured_from["harmful_count"] < 32
 
     result = CliRunner().invoke(main, ["eval", str(out), "--split", "eval", "--limit", "12", "--max-new-tokens", "24",
                                        "--kl-tokens", "8", "--dtype", record["dtype"], "--batch-size",

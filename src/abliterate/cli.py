@@ -142,11 +142,14 @@ def main():
               help="Remove each direction's component along the harmless mean (as `run` does by default).")
 @click.option("--winsorize", type=float, default=None,
               help="Clamp each residual at this quantile of |h| before averaging (`run` uses 0.99; default: no clamping).")
+@click.option("--refused-only", is_flag=True,
+              help="Only the harmful prompts the model refuses (judged at 32 new tokens; as `run` does by default; all "
+                   "of them when it refuses fewer than 8).")
 @click.option("--format", "formats", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True,
               help="'pt' also writes a plain [layers, hidden] tensor .pt beside the safetensors.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 def directions(model, revision, dtype, device_map, trust_remote_code, harmful, harmless, column, split, system_prompt,
-               output, limit, projected, winsorize, formats, batch_size):
+               output, limit, projected, winsorize, refused_only, formats, batch_size):
     """Measure per-layer refusal directions from harmful vs harmless prompts."""
     from abliterate.directions import measure_directions
 
@@ -161,15 +164,29 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
             raise UserError("--limit must be positive")
         harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    offered = len(harmful_prompts)
+    if refused_only:
+        from abliterate.evaluate import refused_subset
+        from abliterate.judges import get_judge
+        from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts
+
+        click.echo(f"finding the harmful prompts the model refuses (of {offered})", err=True)
+        formatted = format_prompts(loaded.tokenizer, harmful_prompts,
+                                   DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt)
+        refused = refused_subset(loaded.model, loaded.tokenizer, harmful_prompts, formatted, get_judge(), 32, batch_size)
+        if refused is None:
+            click.echo("the model hardly refuses them: directions from all of them", err=True)
+        harmful_prompts = refused or harmful_prompts
     progress, advance = _progress_bar(len(harmful_prompts) + len(harmless_prompts), "measuring residuals")
     with progress:
         result = measure_directions(loaded, harmful_prompts, harmless_prompts, system_prompt=system_prompt,
                                     batch_size=batch_size, projected=projected, winsorize_quantile=winsorize,
-                                    progress=advance)
+                                    progress=advance, metadata={"harmful_offered": offered,
+                                                                "harmful_filter": "refused" if refused_only else "all"})
     result.save(output_path, also_pt=formats == "pt")
     suggested = round(0.65 * (result.n_layers - 1))
     click.echo(f"wrote {output_path}: {result.n_layers} layers x {result.hidden_size}, from {len(harmful_prompts)} harmful "
-               f"and {len(harmless_prompts)} harmless prompts")
+               f"(of {offered}) and {len(harmless_prompts)} harmless prompts")
     click.echo(f"next: abliterate apply {model} --directions {output_path} --layer {suggested} -o OUT_DIR "
                "(directions from 55-75% depth usually work best)")
 

