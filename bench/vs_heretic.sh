@@ -37,6 +37,9 @@
 #     when KL > 1 or the trial is already dominated, and stops generating a response once the judge has decided;
 #     its trials answer only the tune prompts the base model refuses (search_prompts = "refused", its default),
 #     Heretic's answer all of them;
+#   * directions: both from the same 128 + 128 train prompts; abliterate's harmful mean covers only those of them the
+#     base model refuses (direction_harmful = "refused", its default since session 16; one generation of the 128 by
+#     the base model, counted in its wall time), and clamps residuals at their 0.99-quantile (winsorize);
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
 #   * Heretic's one-off search for a common response prefix (200 generations of the direction prompts, before

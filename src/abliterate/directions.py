@@ -3,6 +3,7 @@
     h_ℓ(p)  = residual stream after decoder layer ℓ at the last token of prompt p (chat-formatted,
               so the last token is the end of the assistant prefix — where the model decides to refuse)
     μ⁺_ℓ    = mean over harmful prompts of h_ℓ,  μ⁻_ℓ = mean over harmless prompts
+              (`run`: only the harmful prompts the base model refuses, evaluate.refused_subset)
     r_ℓ     = normalize(μ⁺_ℓ − μ⁻_ℓ)
     projected option:  r_ℓ = normalize(d − (d·m̂)m̂),  d = μ⁺_ℓ − μ⁻_ℓ,  m̂ = normalize(μ⁻_ℓ)
     winsorize option:  each residual clamped to ±(its q-quantile of |h|) before averaging (tames outliers;
