@@ -30,7 +30,7 @@ import torch
 from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, interpolated_direction, plan_edits
 from abliterate.config import load_settings
 from abliterate.directions import measure_directions
-from abliterate.evaluate import Baseline, measure_refusals
+from abliterate.evaluate import Baseline, measure_refusals, refused_subset
 from abliterate.judges import get_judge
 from abliterate.load import load_model
 from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
@@ -79,10 +79,9 @@ def main() -> None:
 
     train_harmful = load_prompts("harmful", split="train")[:count]
     judge = get_judge(settings.judge)
-    if args.refused_only:
-        verdicts = measure_refusals(loaded.model, loaded.tokenizer, fmt(train_harmful), judge, settings.max_new_tokens,
-                                    args.batch_size).verdicts
-        train_harmful = [prompt for prompt, refused in zip(train_harmful, verdicts) if refused]
+    if args.refused_only:  # as `run` does it
+        train_harmful = refused_subset(loaded.model, loaded.tokenizer, train_harmful, fmt(train_harmful), judge,
+                                       settings.max_new_tokens, args.batch_size) or train_harmful
     directions = measure_directions(loaded, train_harmful, load_prompts("harmless", split="train")[:count],
                                     batch_size=args.batch_size, projected=settings.projected,
                                     winsorize_quantile=args.winsorize, positions=args.positions).directions
