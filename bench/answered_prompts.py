@@ -17,13 +17,13 @@ import json
 import time
 from pathlib import Path
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.directions import Directions
-from abliterate.evaluate import measure_refusals
-from abliterate.judges import get_judge
-from abliterate.load import load_model
-from abliterate.prompts import format_prompts, load_prompts
-from abliterate.search import open_study, pareto_front
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.measure.directions import Directions
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.core.judges import get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import format_prompts, load_prompts
+from abliterate.search.study import open_study, pareto_front
 
 
 def main() -> None:

@@ -18,14 +18,14 @@ import time
 
 import optuna
 
-import abliterate.judges as judges
-from abliterate.ablation import ablate, plan_edits
-from abliterate.config import WarmStart, load_settings
-from abliterate.directions import measure_directions
-from abliterate.evaluate import measure_refusals
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
-from abliterate.search import suggest_params, warm_start_params
+import abliterate.core.judges as judges
+from abliterate.measure.ablation import ablate, plan_edits
+from abliterate.core.settings import WarmStart, load_settings
+from abliterate.measure.directions import measure_directions
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.search.study import suggest_params, warm_start_params
 
 
 class PerAnswer:

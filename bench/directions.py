@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from abliterate.directions import mean_last_token_residuals
-from abliterate.load import cpu_bf16_speedup, load_model
-from abliterate.prompts import format_prompts, load_prompts
+from abliterate.measure.directions import mean_last_token_residuals
+from abliterate.core.load import cpu_bf16_speedup, load_model
+from abliterate.core.prompts import format_prompts, load_prompts
 
 
 def bare_forward(model, tokenizer, prompts, batch_size):

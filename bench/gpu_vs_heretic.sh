@@ -31,7 +31,7 @@ PYTHONPATH=/tmp/site-abl:$REPO/src exec python3 "\$@"
 WRAP
 cat > "$V/abl/bin/abliterate" <<WRAP
 #!/bin/sh
-PYTHONPATH=/tmp/site-abl:$REPO/src exec python3 -c 'import sys; sys.argv[0] = "abliterate"; from abliterate.cli import main; main()' "\$@"
+PYTHONPATH=/tmp/site-abl:$REPO/src exec python3 -c 'import sys; sys.argv[0] = "abliterate"; from abliterate.cli.commands import main; main()' "\$@"
 WRAP
 cat > "$V/her/bin/python" <<WRAP
 #!/bin/sh

@@ -31,7 +31,7 @@ PICK_RULE = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "pick.p
 
 
 def write_prompts(out_dir: str, tune_prompts: int, direction_prompts: int) -> None:
-    from abliterate.prompts import load_prompts
+    from abliterate.core.prompts import load_prompts
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,13 @@ import time
 import torch
 from normalisation import measure_realised
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, plan_edits
-from abliterate.config import load_settings
-from abliterate.directions import Directions, measure_directions
-from abliterate.evaluate import Baseline
-from abliterate.judges import get_judge
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, plan_edits
+from abliterate.core.settings import load_settings
+from abliterate.measure.directions import Directions, measure_directions
+from abliterate.measure.evaluate import Baseline
+from abliterate.core.judges import get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 
 # Heretic 1.4.0's pick on the H200 (trial 26 of 30; its checkpoint's values, in layers, min_weight absolute)
 HERETIC_PICK = AblationParams({

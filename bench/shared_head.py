@@ -13,9 +13,9 @@ import time
 
 import torch
 
-import abliterate.evaluate as evaluation
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+import abliterate.measure.evaluate as evaluation
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 
 
 def main() -> None:

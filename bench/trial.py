@@ -20,16 +20,16 @@ import time
 import optuna
 import torch
 
-from abliterate.ablation import ablate, plan_edits
-from abliterate.config import SearchSpace
-from abliterate.directions import measure_directions
-from abliterate.evaluate import Baseline, generate, measure_refusals
-from abliterate.judges import DEFAULT_JUDGE, get_judge, judge_refusals
-from abliterate.packed import packed_linears
-from abliterate.prefix import PrefixCache
-from abliterate.load import load_model
-from abliterate.prompts import format_prompts, load_prompts
-from abliterate.search import suggest_params
+from abliterate.measure.ablation import ablate, plan_edits
+from abliterate.core.settings import SearchSpace
+from abliterate.measure.directions import measure_directions
+from abliterate.measure.evaluate import Baseline, generate, measure_refusals
+from abliterate.core.judges import DEFAULT_JUDGE, get_judge, judge_refusals
+from abliterate.engines.packed import packed_linears
+from abliterate.engines.prefix import PrefixCache
+from abliterate.core.load import load_model
+from abliterate.core.prompts import format_prompts, load_prompts
+from abliterate.search.study import suggest_params
 
 
 def random_model(folder: str) -> str:

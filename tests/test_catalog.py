@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import ARCH_CONFIGS, build_tiny_model, invoke
 
-from abliterate.catalog import GIB, TIERS, estimate, fit, kv_cache_bytes, load_catalog, parse_memory, read_model_config, select
-from abliterate.cli import main
+from abliterate.choose.catalog import GIB, TIERS, estimate, fit, kv_cache_bytes, load_catalog, parse_memory, read_model_config, select
+from abliterate.cli.commands import main
 from abliterate.errors import UserError
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer, pty_run
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.arch import adapter_for
-from abliterate.chat import Conversation, chat_loop, split_thoughts, stream_reply
-from abliterate.directions import Directions
-from abliterate.evaluate import generate
-from abliterate.prompts import format_conversation
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.core.arch import adapter_for
+from abliterate.use.chat import Conversation, chat_loop, split_thoughts, stream_reply
+from abliterate.measure.directions import Directions
+from abliterate.measure.evaluate import generate
+from abliterate.core.prompts import format_conversation
 
 
 def test_thoughts_are_split_from_the_answer_even_when_tags_are_cut_across_chunks():

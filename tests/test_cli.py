@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.cli import main
-from abliterate.directions import Directions
-from abliterate.load import load_model
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.cli.commands import main
+from abliterate.measure.directions import Directions
+from abliterate.core.load import load_model
 
 
 def run(*args):

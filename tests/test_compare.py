@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_failure, invoke
 
-from abliterate import probes
-from abliterate.compare import (
+from abliterate.measure import probes
+from abliterate.choose.compare import (
     TABLE_COLUMNS,
     TITLE_BARS,
     TITLE_SCATTER,
@@ -321,7 +321,7 @@ def test_compare_bad_input(tiny_model_dir, tiny_comparison, tmp_path):
 
 
 def test_lm_eval_skipped_with_a_note_or_reported_as_deltas(tiny_model_dir, tiny_directions, tmp_path, monkeypatch):
-    from abliterate.compare import lm_eval_missing
+    from abliterate.choose.compare import lm_eval_missing
 
     args = ["compare", tiny_model_dir, f"v={tiny_model_dir}::{tiny_directions}::layer=2", *FAST, "--direction-prompts", "0",
             "--sheet-prompts", "0", "--lm-eval", "arc_easy"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate.arch import adapter_for
-from abliterate.directions import Directions, mean_last_token_residuals, refusal_directions
+from abliterate.core.arch import adapter_for
+from abliterate.measure.directions import Directions, mean_last_token_residuals, refusal_directions
 from abliterate.errors import UserError
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats and dogs", "hi", "Explain rainbows to a child, briefly."]
@@ -139,7 +139,7 @@ class ScriptedJudge:
 def test_directions_come_from_the_harmful_prompts_the_model_refuses(llama):
     """Arditi et al.'s filter: the prompts whose answers the judge calls refusals, in their order; when fewer than
     MIN_REFUSED_FOR_DIRECTIONS are refused (a model that hardly refuses), None: the caller keeps all of them."""
-    from abliterate.evaluate import MIN_REFUSED_FOR_DIRECTIONS, refused_subset
+    from abliterate.measure.evaluate import MIN_REFUSED_FOR_DIRECTIONS, refused_subset
 
     model, tokenizer, _ = llama
     prompts = [f"prompt number {i}" for i in range(12)]

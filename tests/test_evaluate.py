@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate.ablation import AblationParams, ablate, plan_edits
-from abliterate.arch import adapter_for
-from abliterate.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
-from abliterate.judges import PhraseJudge
+from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+from abliterate.core.arch import adapter_for
+from abliterate.measure.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
+from abliterate.core.judges import PhraseJudge
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]
@@ -65,7 +65,7 @@ def test_generation_stops_at_the_refusal_count_that_makes_a_trial_dominated(mode
 def test_a_bounded_trial_judges_open_answers_together_at_the_end(model_and_tokenizer, monkeypatch):
     """With a refusal bound, answers are counted as they are decided; the classifier's encoder must not run once per
     decided answer inside the decode loop (only phrase-settled refusals count there), and verdicts stay the same."""
-    import abliterate.judges as judges
+    import abliterate.core.judges as judges
 
     model, tokenizer = model_and_tokenizer
     judges._bundled_classifier()  # trained before the encoder is watched
@@ -111,7 +111,7 @@ def test_first_token_logprobs_do_not_depend_on_batching():
 
 
 def test_perplexity_matches_the_models_own_loss():
-    from abliterate.evaluate import perplexity
+    from abliterate.measure.evaluate import perplexity
 
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     text = "The quick brown fox jumps over the lazy dog. " * 3
@@ -124,7 +124,7 @@ def test_perplexity_matches_the_models_own_loss():
 
 
 def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monkeypatch):
-    from abliterate import evaluate as evaluation
+    from abliterate.measure import evaluate as evaluation
 
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     prompts = PROMPTS * 8  # 32 prompts
@@ -151,7 +151,7 @@ def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monk
 def test_loaded_models_give_their_lm_head_a_contiguous_input_with_the_same_logits(tiny_model_dir):
     """`logits_to_keep=1` slices the last hidden state; a strided slice sends torch's matmul down a path that copies
     the whole head weight per prompt (10x slower KL passes on CPU). load_model makes the head's input contiguous."""
-    from abliterate.load import load_model
+    from abliterate.core.load import load_model
 
     loaded = load_model(str(tiny_model_dir), dtype="float32")
     seen = []
@@ -206,7 +206,7 @@ def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type
     compute fewer tokens, the log-probs and the greedy tokens stay those of whole prompts. Models whose cache
     cannot be continued that way (DeepSeek-V3's multi-token continuation fails in transformers) compute whole
     prompts, as before."""
-    import abliterate.evaluate as evaluation
+    import abliterate.measure.evaluate as evaluation
 
     model, tokenizer = build_tiny_model(model_type), build_tiny_tokenizer()
     prompts = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]
@@ -236,7 +236,7 @@ def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type
 def test_a_trials_two_passes_compute_their_common_head_once():
     """A search trial's KL pass and its generation open with the same chat header: with one `heads` memo for the
     trial's model, the header's one-row pass runs once, not once per pass, and changes nothing."""
-    import abliterate.evaluate as evaluation
+    import abliterate.measure.evaluate as evaluation
 
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     benign = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]

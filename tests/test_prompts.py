@@ -8,7 +8,7 @@ import pytest
 from conftest import build_tiny_tokenizer
 
 from abliterate.errors import UserError
-from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, SPLITS, format_prompts, load_prompts
+from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, SPLITS, format_prompts, load_prompts
 
 
 def test_bundled_sets_have_disjoint_splits_and_no_overlap():
@@ -30,7 +30,7 @@ def test_every_prefix_of_a_bundled_split_is_a_stratified_sample():
     once sorted by category, so 32 tune prompts were 32 cybercrime requests and the search never saw the rest.)"""
     from collections import Counter
 
-    from abliterate.prompts import _bundled_path
+    from abliterate.core.prompts import _bundled_path
 
     for name in ("harmful", "harmless"):
         rows = [json.loads(line) for line in _bundled_path(name).read_text().splitlines()]

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate import publish
-from abliterate.cli import main
+from abliterate.ship import publish
+from abliterate.cli.commands import main
 
 SENTINEL = "hf_SENTINELtokenNEVERonDISK0123456789"
 RUN_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -66,12 +66,12 @@ def online(monkeypatch):
 def finished_run(tmp_path_factory):
     """An output directory as `abliterate run` leaves it (same record, same save path), plus debris that must
     never be uploaded: temp files of an interrupted save, a lock, a .env and a token file."""
-    from abliterate.ablation import AblationParams
-    from abliterate.config import load_settings
-    from abliterate.directions import Directions
-    from abliterate.evaluate import Metrics
-    from abliterate.export import model_card, save_into
-    from abliterate.run import _identity
+    from abliterate.measure.ablation import AblationParams
+    from abliterate.core.settings import load_settings
+    from abliterate.measure.directions import Directions
+    from abliterate.measure.evaluate import Metrics
+    from abliterate.ship.export import model_card, save_into
+    from abliterate.core.rundir import identity as _identity
 
     out = tmp_path_factory.mktemp("runs") / "run1"
     out.mkdir()
@@ -145,8 +145,8 @@ def test_card_has_base_and_abliterated_numbers_held_out_split_judge_and_usage(fi
 
 def test_reproduce_config_resumes_the_same_run(finished_run, monkeypatch, tmp_path):
     """reproduce/config.toml loads back to settings with the run's identity (so `abliterate run` resumes)."""
-    from abliterate.config import load_settings
-    from abliterate.run import _identity
+    from abliterate.core.settings import load_settings
+    from abliterate.core.rundir import identity as _identity
 
     plan = {u.path_in_repo: u.source for u in publish.plan_upload(finished_run, "someone/x")}
     (tmp_path / "config.toml").write_bytes(plan["reproduce/config.toml"])

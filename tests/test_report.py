@@ -11,11 +11,11 @@ import torch
 from conftest import invoke
 from test_compare import screenshot, svg_titles
 
-from abliterate.ablation import AblationParams
-from abliterate.config import SearchSpace
-from abliterate.directions import Directions
-from abliterate.report import TITLE_FRONT, TITLE_IMPORTANCE, TITLE_STRENGTH, TITLE_TIME, TITLE_WEIGHTS, kernel_curves, pareto_mask, run_report
-from abliterate.search import open_study, suggest_params
+from abliterate.measure.ablation import AblationParams
+from abliterate.core.settings import SearchSpace
+from abliterate.measure.directions import Directions
+from abliterate.choose.report import TITLE_FRONT, TITLE_IMPORTANCE, TITLE_STRENGTH, TITLE_TIME, TITLE_WEIGHTS, kernel_curves, pareto_mask, run_report
+from abliterate.search.study import open_study, suggest_params
 
 N_LAYERS, HIDDEN, TUNE = 8, 16, 16
 
@@ -46,7 +46,7 @@ def make_run(path, trials: int, saved: bool = True, directions: bool = True, run
         Directions(torch.nn.functional.normalize((harmful - harmless).float(), dim=-1), harmful, harmless,
                    {"harmful_count": 4, "harmless_count": 4}).save(path / "directions.safetensors")
     if saved:
-        from abliterate.search import pick_trial
+        from abliterate.search.study import pick_trial
 
         chosen = pick_trial(study, "auto", TUNE)
         metrics = {"refusals": 1, "total": 8, "kl": 0.12, "kl_multi_token": 0.02}

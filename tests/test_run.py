@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import pty_run
 
-from abliterate.cli import main
-from abliterate.config import RunSettings, SearchSpace, default_toml, load_settings
-from abliterate.directions import Directions
+from abliterate.cli.commands import main
+from abliterate.core.settings import RunSettings, SearchSpace, default_toml, load_settings
+from abliterate.measure.directions import Directions
 from abliterate.errors import UserError
-from abliterate.pick import refusal_tolerance
-from abliterate.search import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
+from abliterate.search.pick import refusal_tolerance
+from abliterate.search.study import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -255,7 +255,7 @@ def test_ctrl_c_during_a_journal_write_lets_the_write_and_its_lock_finish(tmp_pa
 
     from optuna.storages.journal import JournalFileSymlinkLock
 
-    from abliterate.search import JournalBackend
+    from abliterate.search.study import JournalBackend
 
     journal = tmp_path / "study.journal"
     backend = JournalBackend(str(journal))
@@ -313,9 +313,9 @@ def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
     verdicts) keeps every one; a base that refuses nothing leaves a trial nothing to generate, and that measures 0/0."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from abliterate.evaluate import measure_refusals
-    from abliterate.judges import get_judge
-    from abliterate.run import search_prompts
+    from abliterate.measure.evaluate import measure_refusals
+    from abliterate.core.judges import get_judge
+    from abliterate.search.run import search_prompts
 
     tune = ["p0", "p1", "p2", "p3"]
     assert search_prompts(tune, "refused", [0, 2]) == ["p0", "p2"]
@@ -332,7 +332,7 @@ def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, se
     (early_verdicts), used directions from unclamped residuals (winsorize) of all harmful prompts (direction_harmful):
     it resumes with the setting as it was then (`--resume` included), and a resume that would change what its trials
     measure is refused, naming the setting."""
-    from abliterate.run import RUN_FILE, _identity, prepare_output, stored_settings
+    from abliterate.core.rundir import RUN_FILE, identity as _identity, prepare as prepare_output, stored_settings
 
     out = tmp_path / "old-run"
     out.mkdir()
@@ -348,7 +348,7 @@ def test_a_run_made_before_a_setting_existed_resumes_as_what_it_was(tmp_path, se
 def test_a_run_resumes_whatever_warm_start_it_began_with(tmp_path):
     """The warm start only queues a new study's first trials: a run begun with another one (e.g. before the
     default changed) resumes with today's settings; a change to the rest of the space is still refused."""
-    from abliterate.run import RUN_FILE, _identity, prepare_output
+    from abliterate.core.rundir import RUN_FILE, identity as _identity, prepare as prepare_output
 
     out = tmp_path / "old-run"
     out.mkdir()

@@ -19,10 +19,10 @@ import uvicorn
 from click.testing import CliRunner
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate import serve as serve_module
-from abliterate.evaluate import generate
-from abliterate.prompts import format_conversation
-from abliterate.serve import create_app, parse_tool_calls
+from abliterate.use import serve as serve_module
+from abliterate.measure.evaluate import generate
+from abliterate.core.prompts import format_conversation
+from abliterate.use.serve import create_app, parse_tool_calls
 
 NAME = "tiny-llama-abliterated"
 KEY = "sk-test-key"
@@ -356,7 +356,7 @@ def test_tool_call_parsing():
 
 
 def test_serve_refuses_a_port_in_use_in_one_line_before_loading(tiny_model_dir, monkeypatch):
-    from abliterate import cli
+    from abliterate.cli import commands as cli
 
     monkeypatch.setattr(cli, "_load", lambda *args: pytest.fail("the model was loaded before the port was checked"))
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -376,9 +376,9 @@ def test_the_serve_command_end_to_end_with_inference_time_ablation(tiny_model_di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from abliterate.ablation import AblationParams, ablate, plan_edits
-    from abliterate.arch import adapter_for
-    from abliterate.directions import Directions
+    from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+    from abliterate.core.arch import adapter_for
+    from abliterate.measure.directions import Directions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

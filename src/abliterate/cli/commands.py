@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from abliterate.errors import UserError
-from abliterate.load import DEFAULT_MODEL
+from abliterate.core.load import DEFAULT_MODEL
 
 _MODEL_HELP = "Model: 'tiny' (bundled default), a local HF directory, a .gguf file, or a hub id."
 
@@ -62,7 +62,7 @@ def prompt_options(function):
 
 
 def _load(model, revision, dtype, device_map, trust_remote_code):
-    from abliterate.load import load_model
+    from abliterate.core.load import load_model
 
     with _status(f"loading {model}"):
         return load_model(model, dtype=dtype, device_map=device_map, revision=revision,
@@ -86,7 +86,7 @@ def _progress_bar(total: int, description: str):
 
 
 def _read_prompt_sets(harmful, harmless, column, split, default_split="train"):
-    from abliterate.prompts import BUNDLED_SETS, load_prompts
+    from abliterate.core.prompts import BUNDLED_SETS, load_prompts
 
     def one(source):
         chosen = split if split is not None else (default_split if source in BUNDLED_SETS else None)
@@ -112,8 +112,8 @@ def ablation_options(function):
 
 
 def _ablation_params(layer, weight, params_file, components, norm_preserving):
-    from abliterate.ablation import AblationParams
-    from abliterate.arch import COMPONENT_KINDS
+    from abliterate.measure.ablation import AblationParams
+    from abliterate.core.arch import COMPONENT_KINDS
 
     if (layer is None) == (params_file is None):
         raise UserError("give exactly one of --layer L (one direction everywhere) or --params FILE.json")
@@ -151,7 +151,7 @@ def main():
 def directions(model, revision, dtype, device_map, trust_remote_code, harmful, harmless, column, split, system_prompt,
                output, limit, projected, winsorize, refused_only, formats, batch_size):
     """Measure per-layer refusal directions from harmful vs harmless prompts."""
-    from abliterate.directions import measure_directions
+    from abliterate.measure.directions import measure_directions
 
     output_path = Path(output)
     if not output_path.parent.exists():
@@ -166,9 +166,9 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
     offered = len(harmful_prompts)
     if refused_only:
-        from abliterate.evaluate import refused_subset
-        from abliterate.judges import get_judge
-        from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts
+        from abliterate.measure.evaluate import refused_subset
+        from abliterate.core.judges import get_judge
+        from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts
 
         click.echo(f"finding the harmful prompts the model refuses (of {offered})", err=True)
         formatted = format_prompts(loaded.tokenizer, harmful_prompts,
@@ -199,9 +199,9 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
 def apply(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
           norm_preserving, output):
     """Bake an ablation into the weights and save a complete HF model."""
-    from abliterate.ablation import bake, plan_edits
-    from abliterate.directions import Directions
-    from abliterate.export import check_output_dir, save_hf
+    from abliterate.measure.ablation import bake, plan_edits
+    from abliterate.measure.directions import Directions
+    from abliterate.ship.export import check_output_dir, save_hf
 
     gguf_out = output.lower().endswith(".gguf")
     if gguf_out:
@@ -221,7 +221,7 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     with _status("editing weights"):
         bake(edits, params.norm_preserving)
     if gguf_out:
-        from abliterate.gguf_edit import edited_parameters, write_edited_gguf
+        from abliterate.ship.gguf_edit import edited_parameters, write_edited_gguf
 
         with _status(f"writing {output}"):
             report = write_edited_gguf(Path(loaded.source.path) / loaded.source.gguf_file, output, loaded.model,
@@ -276,9 +276,10 @@ def _default_run_output(name: str | None, model: str) -> str:
 @click.option("--print-config", is_flag=True, help="Print every setting with its default (config.default.toml) and exit.")
 def run_command(model, output, config_file, print_config, export_targets, resume, **flags):
     """Search for the best ablation of MODEL (default: the bundled tiny model) and save it, measured."""
-    from abliterate.config import default_toml, load_settings
-    from abliterate.run import check_exports, run, ship, stored_settings
-    from abliterate.search import check_pick_rule
+    from abliterate.core.settings import default_toml, load_settings
+    from abliterate.core.rundir import stored_settings
+    from abliterate.search.run import check_exports, run, ship
+    from abliterate.search.study import check_pick_rule
 
     if print_config:
         click.echo(default_toml(), nl=False)
@@ -294,7 +295,7 @@ def run_command(model, output, config_file, print_config, export_targets, resume
     check_pick_rule(settings.pick)
     check_exports(settings)
     output = output or _default_run_output(settings.name, settings.model)
-    from abliterate.progress import RunDisplay
+    from abliterate.cli.progress import RunDisplay
 
     display = RunDisplay(interactive=sys.stdin.isatty() and sys.stdout.isatty() and flags.get("pick") is None)
     try:
@@ -308,7 +309,7 @@ def run_command(model, output, config_file, print_config, export_targets, resume
     for kind, path in ship(Path(output), settings, display).items():
         click.echo(f"{kind}: {path}")
     if display.upload_repo:
-        from abliterate import publish
+        from abliterate.ship import publish
 
         try:
             url, _ = publish.push(output, display.upload_repo, status=lambda line: click.echo(line, err=True))
@@ -340,9 +341,9 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     """Measure refusals (held-out split by default) and KL against the base model."""
     import json as json_module
 
-    from abliterate.evaluate import Baseline, check_same_vocabulary, choose_batch_size, evaluate, perplexity
-    from abliterate.judges import get_judge
-    from abliterate.prompts import format_prompts
+    from abliterate.measure.evaluate import Baseline, check_same_vocabulary, choose_batch_size, evaluate, perplexity
+    from abliterate.core.judges import get_judge
+    from abliterate.core.prompts import format_prompts
 
     if max_new_tokens <= 0 or kl_tokens < 0 or batch_size < 0 or (limit is not None and limit <= 0):
         raise UserError("--max-new-tokens and --limit must be positive, --kl-tokens and --batch-size not negative")
@@ -368,7 +369,7 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
         del base_loaded
     with _status(f"generating {len(harmful_prompts)} responses"):
         metrics = evaluate(loaded.model, loaded.tokenizer, formatted_harmful, judge, baseline, max_new_tokens, batch_size)
-    from abliterate.prompts import BUNDLED_SETS
+    from abliterate.core.prompts import BUNDLED_SETS
 
     default_label = "eval" if harmful in BUNDLED_SETS else "all prompts"
     metrics.extra.update(model=model, base=base, split=split or default_label, max_new_tokens=max_new_tokens,
@@ -427,7 +428,7 @@ def judges(as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from abliterate.judges import DEFAULT_JUDGE, labelled_set_scores
+    from abliterate.core.judges import DEFAULT_JUDGE, labelled_set_scores
 
     with _status("judging the labelled set"):
         scores = labelled_set_scores()
@@ -459,7 +460,7 @@ def judges(as_json):
 def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
          norm_preserving, system_prompt, max_new_tokens, temperature):
     """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
-    from abliterate.chat import Conversation, chat_loop, read_terminal_line, write_terminal
+    from abliterate.use.chat import Conversation, chat_loop, read_terminal_line, write_terminal
 
     if max_new_tokens <= 0 or temperature < 0:
         raise UserError("--max-new-tokens must be positive and --temperature not negative")
@@ -475,7 +476,7 @@ def chat(model, revision, dtype, device_map, trust_remote_code, directions_file,
 
 
 def _read_directions(path):
-    from abliterate.directions import Directions
+    from abliterate.measure.directions import Directions
 
     return Directions.load(path)
 
@@ -484,7 +485,7 @@ def _inference_ablation(loaded, refusal, params):
     """The ablation as reversible hooks on the loaded model (a no-op context without one)."""
     import contextlib
 
-    from abliterate.ablation import ablate, plan_edits
+    from abliterate.measure.ablation import ablate, plan_edits
 
     if refusal is None:
         return contextlib.nullcontext()
@@ -508,7 +509,7 @@ def models(ctx, memory, vram, use, context, as_json):
         return
     import json as json_module
 
-    from abliterate.catalog import parse_memory, select
+    from abliterate.choose.catalog import parse_memory, select
 
     result = select(memory=parse_memory(memory) if memory else None, vram=parse_memory(vram) if vram else None,
                     use=use, context=context)
@@ -522,7 +523,7 @@ def _print_catalog(result: dict, memory: str | None, vram: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from abliterate.catalog import format_bytes, format_count
+    from abliterate.choose.catalog import format_bytes, format_count
 
     where = ", ".join(part for part in (memory and f"{memory} RAM", vram and f"{vram} VRAM") if part)
     title = f"models that fit {where}" if where else "model catalog (give --memory/--vram to filter)"
@@ -569,7 +570,7 @@ def models_estimate(model, dtype, quant, context, batch, revision, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from abliterate.catalog import estimate, format_bytes, format_count, read_model_config
+    from abliterate.choose.catalog import estimate, format_bytes, format_count, read_model_config
 
     source = read_model_config(model, revision)
     result = estimate(source.config, dtype=dtype, quant=quant, context=context, batch=batch,
@@ -608,7 +609,7 @@ def push(out_dir, repo_id, private, dry_run):
     """Publish OUT_DIR (a saved model) to the Hugging Face Hub in one commit: weights, card, record, reproduce/.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere."""
-    from abliterate import publish
+    from abliterate.ship import publish
 
     publish.check_repo_id(repo_id)
     if dry_run:
@@ -647,7 +648,7 @@ def export():
 @click.option("--no-create", is_flag=True, help="Only write the Modelfile and print the `ollama create` command.")
 def export_ollama_command(model_or_gguf, name, template_file, system, out_dir, no_create):
     """Write an Ollama Modelfile for MODEL_OR_GGUF (a .gguf) and import it with `ollama create` when ollama is on PATH."""
-    from abliterate.ollama import export_ollama
+    from abliterate.ship.ollama import export_ollama
 
     result = export_ollama(model_or_gguf, name, template_file=template_file, system=system, out_dir=out_dir,
                            create=not no_create)
@@ -678,7 +679,7 @@ def export_ollama_command(model_or_gguf, name, template_file, system, out_dir, n
 @click.option("--verify-tokens", type=int, default=16, show_default=True)
 def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify_tokens):
     """Convert a saved HF model (e.g. an `abliterate run` output) to GGUF, quantise it, and check it in llama.cpp."""
-    from abliterate.gguf_export import check_quant, convert
+    from abliterate.ship.gguf_export import check_quant, convert
 
     quant = check_quant(quant)
     source = Path(model_dir)
@@ -693,10 +694,10 @@ def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify
 
 
 def _verify_gguf(hf_dir: Path, gguf_file: Path, quant: str, n_prompts: int, n_tokens: int) -> None:
-    from abliterate.evaluate import generate
-    from abliterate.gguf_export import compare_greedy, llama_cpp_greedy
-    from abliterate.load import load_model
-    from abliterate.prompts import format_prompts, load_prompts
+    from abliterate.measure.evaluate import generate
+    from abliterate.ship.gguf_export import compare_greedy, llama_cpp_greedy
+    from abliterate.core.load import load_model
+    from abliterate.core.prompts import format_prompts, load_prompts
 
     with _status("checking the GGUF in llama.cpp against the HF model"):
         loaded = load_model(str(hf_dir), dtype="float32")
@@ -748,7 +749,7 @@ def serve(model, revision, dtype, device_map, trust_remote_code, directions_file
     try:
         import uvicorn
 
-        from abliterate.serve import create_app
+        from abliterate.use.serve import create_app
     except ImportError as error:
         raise UserError(f"abliterate serve needs the serve extra ({error.name} is missing): "
                         "pip install 'abliterate[serve]'") from None
@@ -851,9 +852,9 @@ def compare_models(models, base, output, limit, max_new_tokens, probe_tokens, pr
     """Compare MODEL_A MODEL_B ... (see `abliterate compare --help`)."""
     import json as json_module
 
-    from abliterate.compare import CompareSettings, check_output_dir, plan_models, read_prompt_sets, write_outputs
-    from abliterate.compare import compare as run_compare
-    from abliterate.judges import get_judge
+    from abliterate.choose.compare import CompareSettings, check_output_dir, plan_models, read_prompt_sets, write_outputs
+    from abliterate.choose.compare import compare as run_compare
+    from abliterate.core.judges import get_judge
 
     tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
     settings = CompareSettings(limit=limit, max_new_tokens=max_new_tokens, probe_tokens=probe_tokens, probes=probes,
@@ -886,7 +887,7 @@ def _print_comparison(comparison) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from abliterate.compare import TABLE_COLUMNS, lm_eval_deltas, table_rows
+    from abliterate.choose.compare import TABLE_COLUMNS, lm_eval_deltas, table_rows
 
     table = Table(title=f"against {comparison.base_label}: {comparison.settings['prompt_counts']['harmful']} held-out harmful prompts, "
                         f"judge {comparison.settings['judge']}")
@@ -914,7 +915,7 @@ def compare_reveal(sheet, ratings, key_file, as_json):
     {prompt_id: {letter: rating}}). Blank ratings are skipped."""
     import json as json_module
 
-    from abliterate.compare import read_key, read_ratings, reveal
+    from abliterate.choose.compare import read_key, read_ratings, reveal
 
     key, warnings = read_key(sheet, key_file)
     for warning in warnings:
@@ -967,8 +968,8 @@ def verify(model, base, prompts, max_new_tokens, reasoning_probes, reasoning_tok
     MODEL: a saved directory, a .gguf, a hub id, or BASE::DIRECTIONS::PARAMS (an ablation applied in memory)."""
     import json as json_module
 
-    from abliterate.verify import VerifySettings
-    from abliterate.verify import verify as run_verify
+    from abliterate.choose.verify import VerifySettings
+    from abliterate.choose.verify import verify as run_verify
 
     settings = VerifySettings(prompts=prompts, kl_prompts=kl_prompts, max_new_tokens=max_new_tokens,
                               reasoning_probes=reasoning_probes, reasoning_tokens=reasoning_tokens, kl_tokens=kl_tokens,
@@ -996,7 +997,7 @@ def verify(model, base, prompts, max_new_tokens, reasoning_probes, reasoning_tok
 def report(run_dir, output):
     """Render a finished or running `abliterate run` directory as an offline HTML report: Pareto front, trials over
     time, parameter importance, per-layer direction strength, the chosen trial's layer weights."""
-    from abliterate.report import run_report, write_html
+    from abliterate.choose.report import run_report, write_html
 
     target = Path(output) if output else Path(run_dir) / "report.html"
     if output and not target.parent.exists():

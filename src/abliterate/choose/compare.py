@@ -75,7 +75,7 @@ class ModelSpec:
         if self.params is not None:
             return self.params
         if self.record and "parameters" in self.record:
-            from abliterate.ablation import AblationParams
+            from abliterate.measure.ablation import AblationParams
 
             try:
                 return AblationParams.from_dict(self.record["parameters"])
@@ -90,7 +90,7 @@ def _short_name(reference: str) -> str:
 
 
 def _params_from(text: str, spec: str):
-    from abliterate.ablation import AblationParams
+    from abliterate.measure.ablation import AblationParams
 
     if "=" in text and not Path(text).exists():
         values = {}
@@ -138,7 +138,7 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(label or _short_name(body), body, record=record, text=text)
 
 
-def _same_reference(a: str, b: str) -> bool:
+def same_reference(a: str, b: str) -> bool:
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
@@ -157,7 +157,7 @@ def choose_base(specs: list[ModelSpec], base: str | None) -> str:
             named.append(spec.record["base_model"])
     distinct = []
     for name in named:
-        if not any(_same_reference(name, seen) for seen in distinct):
+        if not any(same_reference(name, seen) for seen in distinct):
             distinct.append(name)
     if len(distinct) > 1:
         raise UserError(f"the models come from different bases ({', '.join(distinct)}); say which is the base with --base")
@@ -174,7 +174,7 @@ def plan_models(texts: list[str], base: str | None) -> tuple[list[ModelSpec], in
         raise too_few()
     specs = [parse_spec(t) for t in texts]
     base_reference = choose_base(specs, base)
-    base_index = next((i for i, s in enumerate(specs) if not s.is_variant and _same_reference(s.reference, base_reference)), None)
+    base_index = next((i for i, s in enumerate(specs) if not s.is_variant and same_reference(s.reference, base_reference)), None)
     if base_index is None:  # one model alone is enough when it names its base (a run's record, a variant, --base)
         specs.insert(0, ModelSpec(_short_name(base_reference), base_reference, text=base_reference))
         base_index = 0
@@ -256,8 +256,8 @@ def select_probes(probes, n: int) -> list:
 
 
 def read_prompt_sets(settings: CompareSettings) -> PromptSets:
-    from abliterate import probes
-    from abliterate.prompts import load_prompts
+    from abliterate.measure import probes
+    from abliterate.core.prompts import load_prompts
 
     return PromptSets(load_prompts("harmful", split="eval")[: settings.limit], list(probes.borderline_prompts())[: settings.limit],
                       load_prompts("harmless", split="eval")[: settings.limit],
@@ -361,10 +361,10 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
     """Every column for one model, with its ablation (if a variant) applied in memory for the duration."""
     import contextlib
 
-    from abliterate.ablation import ablate, plan_edits
-    from abliterate.evaluate import generate, measure_refusals
-    from abliterate.prompts import format_prompts
-    from abliterate import probes as probe_scoring
+    from abliterate.measure.ablation import ablate, plan_edits
+    from abliterate.measure.evaluate import generate, measure_refusals
+    from abliterate.core.prompts import format_prompts
+    from abliterate.measure import probes as probe_scoring
 
     model, tokenizer = loaded.model, loaded.tokenizer
 
@@ -374,7 +374,7 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
     params = spec.ablation_params()
     context = contextlib.nullcontext()
     if spec.is_variant:
-        from abliterate.directions import Directions
+        from abliterate.measure.directions import Directions
 
         directions = Directions.load(spec.directions).fitted_to(loaded.adapter)
         context = ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
@@ -401,7 +401,7 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
     consistency = probe_scoring.score_consistency(prompts.groups, paraphrase_answers) if prompts.groups else None
     layer_weights = None
     if params is not None:
-        from abliterate.report import kernel_curves
+        from abliterate.choose.report import kernel_curves
 
         layer_weights = kernel_curves(params, loaded.adapter.n_layers)
     return ModelResult(
@@ -416,14 +416,14 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
 def _tokenizer_of(reference: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from abliterate.load import _hub_error, resolve
+    from abliterate.core.load import hub_error, resolve
 
     source = resolve(reference)
     try:
         return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         if not source.is_local:
-            raise _hub_error(source, error) from None
+            raise hub_error(source, error) from None
         raise UserError(f"could not load the tokenizer of {reference} ({str(error).splitlines()[0]})") from None
 
 
@@ -459,7 +459,7 @@ class Comparison:
 
 def _directions_for_plot(specs, settings: CompareSettings, base_loaded, status):
     """The base's per-layer strength: --directions, a variant's directions, a run directory's, or measured now."""
-    from abliterate.directions import Directions, measure_directions
+    from abliterate.measure.directions import Directions, measure_directions
 
     candidates = []
     if settings.directions:
@@ -478,7 +478,7 @@ def _directions_for_plot(specs, settings: CompareSettings, base_loaded, status):
                 raise
     if settings.direction_prompts <= 0:
         return None, None
-    from abliterate.prompts import load_prompts
+    from abliterate.core.prompts import load_prompts
 
     n = settings.direction_prompts
     status(f"measuring the base's refusal directions on {n} + {n} train prompts (for the strength plot)")
@@ -526,10 +526,10 @@ def lm_eval_deltas(results: list[ModelResult], base_label: str) -> dict[str, dic
 def compare(texts: list[str], base: str | None, settings: CompareSettings, status=lambda message: None) -> Comparison:
     """Measure every model (see the module docstring). Models are loaded one at a time; variants of an already
     loaded model reuse it (their ablation is hooks, removed after measuring)."""
-    from abliterate.evaluate import Baseline
-    from abliterate.judges import get_judge, judge_refusals
-    from abliterate.load import load_model
-    from abliterate.prompts import format_prompts
+    from abliterate.measure.evaluate import Baseline
+    from abliterate.core.judges import get_judge, judge_refusals
+    from abliterate.core.load import load_model
+    from abliterate.core.prompts import format_prompts
 
     settings.check()
     specs, base_index = plan_models(texts, base)
@@ -543,7 +543,7 @@ def compare(texts: list[str], base: str | None, settings: CompareSettings, statu
 
     groups: dict[str, list[int]] = {}
     for index, spec in enumerate(specs):
-        key = next((k for k in groups if _same_reference(k, spec.reference)), spec.reference)
+        key = next((k for k in groups if same_reference(k, spec.reference)), spec.reference)
         groups.setdefault(key, []).append(index)
     base_group = next(k for k, members in groups.items() if base_index in members)
     order = [base_group] + [k for k in groups if k != base_group]
@@ -590,8 +590,8 @@ def _lm_eval_into(result: ModelResult, loaded, spec: ModelSpec, settings: Compar
     """Run lm-eval on this model (its ablation re-applied); a note (and no more lm-eval) when it cannot run."""
     import contextlib
 
-    from abliterate.ablation import ablate, plan_edits
-    from abliterate.directions import Directions
+    from abliterate.measure.ablation import ablate, plan_edits
+    from abliterate.measure.directions import Directions
 
     status(f"lm-eval on {spec.label}: {', '.join(settings.lm_eval_tasks)}")
     context = contextlib.nullcontext()
@@ -651,7 +651,7 @@ COLUMN_NOTES = {
 
 
 def report_html(comparison: Comparison, sheet_name: str | None = SHEET_FILE) -> str:
-    from abliterate import report
+    from abliterate.choose import report
 
     results = comparison.results
     labels = [r.label for r in results]
@@ -767,7 +767,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, prompts: PromptSets | N
     """report.html, results.json and (with sheet prompts) sheet.md, ratings.csv, key.json; atomically."""
     import shutil
 
-    from abliterate.report import write_html
+    from abliterate.choose.report import write_html
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -299,7 +299,7 @@ def load_study_readonly(journal: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from abliterate.search import STUDY_NAME
+    from abliterate.core.rundir import STUDY_NAME
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -313,7 +313,7 @@ def parameter_importances(study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) ->
     """fANOVA importances per objective, or (None, why not)."""
     import optuna
 
-    from abliterate.search import finished_trials
+    from abliterate.search.study import finished_trials
 
     done = finished_trials(study)
     if len(done) < min_trials:
@@ -337,7 +337,7 @@ def parameter_importances(study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) ->
 
 
 def _chosen_trial(study, record: dict | None, pick_rule: str, total: int):
-    from abliterate.search import finished_trials, pareto_front, pick_trial
+    from abliterate.search.study import finished_trials, pareto_front, pick_trial
 
     if record and "trial" in record:
         for trial in finished_trials(study):
@@ -354,10 +354,10 @@ def _chosen_trial(study, record: dict | None, pick_rule: str, total: int):
 
 def run_report(run_dir: str | Path) -> str:
     """The HTML report of a finished or running `abliterate run` directory."""
-    from abliterate.ablation import AblationParams
-    from abliterate.directions import Directions
-    from abliterate.run import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
-    from abliterate.search import finished_trials, pareto_front, quality_band
+    from abliterate.measure.ablation import AblationParams
+    from abliterate.measure.directions import Directions
+    from abliterate.core.rundir import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
+    from abliterate.search.study import finished_trials, pareto_front, quality_band
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from abliterate.arch import Adapter
+from abliterate.core.arch import Adapter
 from abliterate.errors import UserError
 
 
@@ -180,7 +180,7 @@ def measure_directions(loaded, harmful: list[str], harmless: list[str], system_p
                        projected: bool = False, winsorize_quantile: float | None = None, progress=None,
                        metadata: dict | None = None, positions: int = 1) -> Directions:
     """Format both prompt sets for the model, stream their residual means, return per-layer directions."""
-    from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, prompt_set_hash
+    from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, prompt_set_hash
 
     system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
     if winsorize_quantile is not None and not 0 < winsorize_quantile <= 1:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from abliterate.errors import UserError
-from abliterate.load import clear_gguf_quantizer
+from abliterate.core.gguf_reader import clear_gguf_quantizer
 
 
 def check_output_dir(out_dir: str | Path) -> Path:

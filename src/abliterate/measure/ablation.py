@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from abliterate.arch import COMPONENT_KINDS, Adapter, Component, Writer
+from abliterate.core.arch import COMPONENT_KINDS, Adapter, Component, Writer
 from abliterate.errors import UserError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from abliterate import __version__
-from abliterate.config import toml_value
+from abliterate.core.settings import toml_value
 from abliterate.errors import UserError
 
 RECORD, RUN_STATE = "abliteration.json", "run.json"
@@ -119,7 +119,7 @@ def _has_run_numbers(card: str, record: dict) -> bool:
 
 def _hub_base_model(reference: str | None) -> str | None:
     """The base model as the hub knows it (front matter `base_model` must be a hub id), or None."""
-    from abliterate.bundled import BUNDLED
+    from abliterate.core.bundled import BUNDLED
 
     if not reference:
         return None
@@ -150,7 +150,7 @@ def _bare_card(record: dict | None, out: Path) -> str:
 def hub_card(out: Path, record: dict | None, repo_id: str, bundle: list[str]) -> str:
     """The model card as published: the directory's README.md if it has the run's numbers (so hand edits are
     kept), else one made from the record; usage pointed at the repository; a valid `base_model`; the bundle."""
-    from abliterate.export import model_card
+    from abliterate.ship.export import model_card
 
     readme = out / "README.md"
     card = readme.read_text(encoding="utf-8") if readme.is_file() else None

@@ -76,7 +76,7 @@ def write_edited_gguf(source: str | Path, out_file: str | Path, model, edited_pa
     """Copy `source` to `out_file` with the tensors of `edited_params` (already edited in `model`) re-encoded."""
     import gguf
 
-    from abliterate.gguf_reader import GGUFReader
+    from abliterate.core.gguf_reader import GGUFReader
 
     source, out_file = Path(source), Path(out_file)
     reader = GGUFReader(source)

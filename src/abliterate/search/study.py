@@ -31,16 +31,16 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
-from abliterate.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
-from abliterate.config import SearchSpace
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.core.settings import SearchSpace
+from abliterate.core.rundir import STUDY_NAME
 from abliterate.errors import UserError
-from abliterate.evaluate import measure_refusals
-from abliterate.pick import auto_choice
-from abliterate.prefix import PrefixCache
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.search.pick import auto_choice
+from abliterate.engines.prefix import PrefixCache
 
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))
-STUDY_NAME = "abliterate"
 
 
 def quality_band(refusal_rate: float, kl: float) -> str:

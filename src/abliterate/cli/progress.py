@@ -8,8 +8,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from abliterate.errors import UserError
-from abliterate.run import Hooks
-from abliterate.search import advice, pareto_front, pick_trial, quality_band
+from abliterate.search.run import Hooks
+from abliterate.search.study import advice, pareto_front, pick_trial, quality_band
 
 
 def _describe(trial, total: int) -> tuple[str, str]:
@@ -93,7 +93,7 @@ class RunDisplay(Hooks):
         action = click.prompt("[s]ave, [u]pload to the Hub (saved first), [c]hat with it, [m]ore trials, [q]uit",
                               default="s", type=click.Choice(["s", "u", "c", "m", "q"]), err=True)
         if action == "u":
-            from abliterate.publish import check_repo_id
+            from abliterate.ship.publish import check_repo_id
 
             self.upload_repo = click.prompt("Hub repository (user/name)", value_proc=_checked(check_repo_id), err=True)
             return numbers[number], "save"
@@ -104,7 +104,7 @@ class RunDisplay(Hooks):
         return numbers[number], {"s": "save", "c": "chat", "q": "quit"}[action]
 
     def chat(self, model, tokenizer) -> None:
-        from abliterate.chat import chat_loop, read_terminal_line, write_terminal
+        from abliterate.use.chat import chat_loop, read_terminal_line, write_terminal
 
         self.console.print("[dim]chatting with the chosen trial's model (ablation applied in memory); exit returns here[/dim]")
         chat_loop(model, tokenizer, read_terminal_line, write_terminal, max_new_tokens=256)

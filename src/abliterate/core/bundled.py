@@ -107,7 +107,7 @@ def bundled_hf_dir(model: BundledModel) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from abliterate.load import clear_gguf_quantizer
+        from abliterate.core.gguf_reader import clear_gguf_quantizer
 
         partial = target.with_name("hf.partial")
         shutil.rmtree(partial, ignore_errors=True)

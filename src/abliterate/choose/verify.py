@@ -103,11 +103,11 @@ class Verification:
 
 def on_topic_scores(prompts: list[str], answers: list[str]) -> list[float]:
     """Cosine similarity of the MiniLM embeddings of each prompt and its answer (after any thought)."""
-    from abliterate.judges import _sentence_encoder, answer_part
+    from abliterate.core.judges import sentence_encoder, answer_part
 
     if not prompts:
         return []
-    encode = _sentence_encoder()
+    encode = sentence_encoder()
     left = encode(list(prompts))
     right = encode([answer_part(a).strip() or "." for a in answers])
     return (left * right).sum(-1).tolist()
@@ -115,15 +115,15 @@ def on_topic_scores(prompts: list[str], answers: list[str]) -> list[float]:
 
 def on_topic_calibration(threshold: float = ON_TOPIC_THRESHOLD) -> dict:
     """The threshold's rates on the bundled labelled set (see the module docstring)."""
-    from abliterate.judges import _sentence_encoder, answer_part, labelled_set
-    from abliterate.prompts import load_prompts
+    from abliterate.core.judges import sentence_encoder, answer_part, labelled_set
+    from abliterate.core.prompts import load_prompts
 
     harmful = set(load_prompts("harmful"))
     records = labelled_set()
     compliant = [r for r in records if r["label"] == "compliance" and r["prompt"] in harmful]
     refusals = [r for r in records if r["case"] == "plain-refusal"]
     requests = sorted({r["prompt"] for r in compliant})
-    encode = _sentence_encoder()
+    encode = sentence_encoder()
     request_vectors = encode(requests)
     answers = encode([answer_part(r["response"]).strip() or "." for r in compliant])
     similarity = answers @ request_vectors.T
@@ -141,7 +141,7 @@ def on_topic_calibration(threshold: float = ON_TOPIC_THRESHOLD) -> dict:
 def format_reasoning(tokenizer, prompts: list[str], system_prompt: str | None) -> tuple[list[str], bool]:
     """Prompts for the reasoning check: thinking models are let think (their templates' thought left open).
     Returns (formatted prompts, whether the model thinks)."""
-    from abliterate.prompts import DEFAULT_SYSTEM_PROMPT, THINK_OPEN, format_prompts
+    from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, THINK_OPEN, format_prompts
 
     system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
@@ -162,7 +162,7 @@ def format_reasoning(tokenizer, prompts: list[str], system_prompt: str | None) -
 
 def split_thought(response: str, thinking: bool) -> tuple[str | None, str | None]:
     """(thought, answer) of a response; answer None when a thinking model did not finish its thought."""
-    from abliterate.prompts import THINK_CLOSE, THINK_OPEN
+    from abliterate.core.prompts import THINK_CLOSE, THINK_OPEN
 
     if THINK_CLOSE in response:
         thought, answer = response.rsplit(THINK_CLOSE, 1)
@@ -181,7 +181,7 @@ def reasoning_check(probes, base_answers: list[str], model_answers: list[str], t
                     tokens: int, model_cut: list[bool] | None = None) -> Check:
     """Pass when the model fails at most `slack` probes the base solves (see the module docstring). `model_cut`:
     which of the model's answers used the whole token budget (shown, so a cut answer is not mistaken for a wrong one)."""
-    from abliterate.probes import extract_answer, is_correct
+    from abliterate.measure.probes import extract_answer, is_correct
 
     details, base_solved, model_solved, regressions = [], 0, 0, 0
     model_cut = model_cut or [False] * len(probes)
@@ -251,14 +251,14 @@ def recorded_base(spec) -> str | None:
 
 def verify(model: str, base: str | None, settings: VerifySettings, status=lambda message: None) -> Verification:
     """Run the three checks (see the module docstring)."""
-    from abliterate.ablation import ablate, plan_edits
-    from abliterate.compare import _same_reference, check_vocabularies, parse_spec
-    from abliterate.directions import Directions
-    from abliterate.evaluate import Baseline, generate, measure_refusals
-    from abliterate.judges import get_judge, is_degenerate, judge_refusals
-    from abliterate.load import load_model
-    from abliterate.probes import reasoning_probes
-    from abliterate.prompts import format_prompts, load_prompts
+    from abliterate.measure.ablation import ablate, plan_edits
+    from abliterate.choose.compare import same_reference, check_vocabularies, parse_spec
+    from abliterate.measure.directions import Directions
+    from abliterate.measure.evaluate import Baseline, generate, measure_refusals
+    from abliterate.core.judges import get_judge, is_degenerate, judge_refusals
+    from abliterate.core.load import load_model
+    from abliterate.measure.probes import reasoning_probes
+    from abliterate.core.prompts import format_prompts, load_prompts
 
     settings.check()
     spec = parse_spec(model)
@@ -294,7 +294,7 @@ def verify(model: str, base: str | None, settings: VerifySettings, status=lambda
     base_reasoning = generate(base_loaded.model, base_loaded.tokenizer, reasoning_prompts, settings.reasoning_tokens,
                               batch).texts if probes else []
 
-    if _same_reference(spec.reference, base):
+    if same_reference(spec.reference, base):
         loaded = base_loaded
     else:
         del base_loaded

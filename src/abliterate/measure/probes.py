@@ -28,7 +28,7 @@ import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 
-from abliterate.judges import answer_part
+from abliterate.core.judges import answer_part
 
 _MARKER = re.compile(r"\banswer\s*(?:is\s*:?|:|=)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

@@ -9,30 +9,21 @@ tune split the search optimised and, reported apart, on the held-out eval split.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate import __version__
-from abliterate.ablation import AblationParams, ablate, bake, plan_edits
-from abliterate.config import RunSettings
-from abliterate.directions import Directions, measure_directions
+from abliterate.measure.ablation import AblationParams, ablate, bake, plan_edits
+from abliterate.core.settings import RunSettings
+from abliterate.measure.directions import Directions, measure_directions
 from abliterate.errors import UserError
-from abliterate.evaluate import Baseline, choose_batch_size, evaluate, refused_subset
-from abliterate.judges import get_judge
-from abliterate.packed import packed_linears
-from abliterate.prompts import format_prompts, load_prompts, prompt_set_hash
-from abliterate.search import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
-
-RUN_FILE, STUDY_FILE, DIRECTIONS_FILE, RECORD_FILE = "run.json", "study.journal", "directions.safetensors", "abliteration.json"
-# Settings that define what a run measures: changing them makes it a different run, not a continuation.
-IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
-                 "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts",
-                 "early_verdicts", "winsorize", "direction_harmful")
-# What runs made before a setting existed did, so that resuming them with that setting is still recognised.
-LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0, "direction_harmful": "all"}
+from abliterate.measure.evaluate import Baseline, choose_batch_size, evaluate, refused_subset
+from abliterate.core.judges import get_judge
+from abliterate.core import rundir
+from abliterate.core.rundir import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
+from abliterate.engines.packed import packed_linears
+from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash
+from abliterate.search.study import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
 
 
 @dataclass
@@ -56,63 +47,6 @@ def read_prompt_sets(settings: RunSettings) -> PromptSets:
         for split, limit in (("train", settings.direction_prompts), ("tune", settings.tune_prompts),
                              ("eval", settings.eval_prompts))
     ))
-
-
-def _identity(settings: RunSettings) -> dict:
-    data = settings.model_dump(mode="json")
-    return _without_warm_start({key: data[key] for key in IDENTITY_KEYS})
-
-
-def _without_warm_start(identity: dict) -> dict:
-    """`space.warm_start` only chooses a new study's first trials (a resumed study has queued them already), so it
-    is no part of what a run measures: a run resumes whatever warm start it began with."""
-    if isinstance(identity.get("space"), dict):
-        identity = identity | {"space": {k: v for k, v in identity["space"].items() if k != "warm_start"}}
-    return identity
-
-
-def prepare_output(output: Path, settings: RunSettings) -> dict:
-    """A new run directory, or the state of a previous run of the same model and settings (to resume)."""
-    run_file = output / RUN_FILE
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} exists and is not a directory; choose another -o")
-    if run_file.is_file():
-        state = json.loads(run_file.read_text())
-        stored = _without_warm_start(LEGACY_IDENTITY | state.get("identity", {}))
-        if stored != _identity(settings):
-            changed = [k for k in IDENTITY_KEYS if stored.get(k) != _identity(settings)[k]]
-            raise UserError(f"{output} holds a run with other settings ({', '.join(changed)}); "
-                            "use the same settings to resume, or choose another -o")
-        return state
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"output {output} exists and is not a previous run of this model; choose another -o")
-    output.mkdir(parents=True, exist_ok=True)
-    state = {"identity": _identity(settings), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_json(run_file, state)
-    return state
-
-
-def stored_settings(output: Path) -> dict:
-    """The settings that define the run in `output` (what `run --resume` continues without repeating them)."""
-    run_file = output / RUN_FILE
-    if not run_file.is_file():
-        raise UserError(f"--resume: {output} holds no run (no {RUN_FILE}); start one without --resume, or give its -o")
-    return LEGACY_IDENTITY | json.loads(run_file.read_text())["identity"]
-
-
-def _saved_record(output: Path) -> dict | None:
-    path = output / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.rename(path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def search_prompts(tune_harmful: list[str], which: str, base_refused: list[int] | None) -> list[str]:
@@ -150,12 +84,12 @@ class Hooks:
 
 
 def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunResult:
-    from abliterate.load import load_model
+    from abliterate.core.load import load_model
 
     hooks = hooks or Hooks()
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
-    state = prepare_output(output, settings)
+    state = rundir.prepare(output, settings)
 
     hooks.status(f"loading {settings.model}")
     loaded = load_model(settings.model, settings.dtype, settings.device_map, settings.revision, settings.trust_remote_code)
@@ -174,7 +108,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
                                        settings.max_new_tokens)
     if "batch_size" not in state:  # given or chosen: a resume without the flag measures with the same batches
         state["batch_size"] = batch_size
-        _write_json(output / RUN_FILE, state)
+        rundir.write_json(output / RUN_FILE, state)
 
     directions_path = output / DIRECTIONS_FILE
     if directions_path.is_file():
@@ -208,7 +142,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
             state["base"][split] = metrics.to_dict()
             if split == "tune":
                 state["base_tune_refused"] = [i for i, refused in enumerate(metrics.extra["verdicts"]) if refused]
-        _write_json(output / RUN_FILE, state)
+        rundir.write_json(output / RUN_FILE, state)
     search_harmful = search_prompts(tune_harmful, settings.search_prompts, state.get("base_tune_refused"))
     if len(search_harmful) < len(tune_harmful):
         hooks.status(f"trials answer the {len(search_harmful)} tune prompts the base model refuses; the "
@@ -259,7 +193,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         raise UserError("stopped without saving; run the same command again to continue")
 
     params = AblationParams.from_dict(chosen.user_attrs["params"])
-    saved = _saved_record(output)
+    saved = rundir.saved_record(output)
     if saved and saved.get("trial") == chosen.number and saved.get("trials_finished") == len(finished_trials(study)):
         hooks.status(f"trial {chosen.number} is already saved in {output}")  # a re-run after the save: nothing to redo
         return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"], trials_run, study,
@@ -277,7 +211,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         "revision": settings.revision,
         "trial": chosen.number,
         "parameters": params.to_dict(),
-        "directions": {"file": DIRECTIONS_FILE, "sha256": _sha256(directions_path), **directions.metadata},
+        "directions": {"file": DIRECTIONS_FILE, "sha256": rundir.sha256(directions_path), **directions.metadata},
         "seed": settings.seed,
         "settings": settings.model_dump(mode="json"),
         "prompt_sets_sha256": prompts.hashes(),
@@ -288,10 +222,10 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         "trials_finished": len(finished_trials(study)),
     }
     hooks.status(f"saving {output}")
-    from abliterate.export import model_card, save_into
+    from abliterate.ship.export import model_card, save_into
 
     if loaded.source.gguf_file:  # GGUF in → GGUF out as well: the edited tensors re-encoded, the rest copied
-        from abliterate.gguf_edit import edited_parameters, write_edited_gguf
+        from abliterate.ship.gguf_edit import edited_parameters, write_edited_gguf
 
         gguf_out = output / f"{settings.name or Path(loaded.source.gguf_file).stem}-abliterated.gguf"
         hooks.status(f"writing {gguf_out.name}")
@@ -309,7 +243,7 @@ EXPORT_TARGETS = ("gguf", "ollama")
 
 def check_exports(settings: RunSettings) -> None:
     """Bad export settings fail before the search, not after it."""
-    from abliterate.gguf_export import check_quant
+    from abliterate.ship.gguf_export import check_quant
 
     unknown = [target for target in settings.export if target not in EXPORT_TARGETS]
     if unknown:
@@ -317,7 +251,7 @@ def check_exports(settings: RunSettings) -> None:
     if settings.export:
         check_quant(settings.quant)
     if "ollama" in settings.export:
-        from abliterate.ollama import check_name
+        from abliterate.ship.ollama import check_name
 
         if not settings.name:
             raise UserError("--export ollama needs --name NAME (the Ollama model name)")
@@ -331,7 +265,7 @@ def ship(output: Path, settings: RunSettings, hooks: Hooks | None = None) -> dic
     made: dict[str, Path] = {}
     if not settings.export:
         return made
-    from abliterate.gguf_export import convert
+    from abliterate.ship.gguf_export import convert
 
     name = settings.name or output.resolve().name
     gguf_file = output / f"{name}-{settings.quant}.gguf"
@@ -340,7 +274,7 @@ def ship(output: Path, settings: RunSettings, hooks: Hooks | None = None) -> dic
         convert(output, gguf_file, settings.quant)
     made["gguf"] = gguf_file
     if "ollama" in settings.export:
-        from abliterate.ollama import export_ollama
+        from abliterate.ship.ollama import export_ollama
 
         hooks.status(f"writing the Ollama Modelfile for {settings.name}")
         exported = export_ollama(gguf_file, settings.name)

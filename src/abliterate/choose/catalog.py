@@ -412,7 +412,7 @@ def read_gguf(path: Path) -> ModelConfig:
     """An HF-like config from a GGUF header (`<arch>.block_count`, `embedding_length`, ...), plus the tensors' bytes."""
     from gguf import LlamaFileType
 
-    from abliterate.gguf_reader import GGUFReader
+    from abliterate.core.gguf_reader import GGUFReader
 
     try:
         reader = GGUFReader(path)
@@ -498,7 +498,7 @@ def read_model_config(reference: str, revision: str | None = None) -> ModelConfi
         raise UserError(f"{path} has no config.json; give a Hugging Face model directory or a .gguf file")
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file")
-    from abliterate.bundled import BUNDLED, bundled_gguf
+    from abliterate.core.bundled import BUNDLED, bundled_gguf
 
     if reference in BUNDLED:
         return read_gguf(bundled_gguf(BUNDLED[reference]))

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from abliterate import static_decode
+from abliterate.engines import static_decode
 from abliterate.errors import UserError
-from abliterate.prefix import PrefixCache, cache_of
+from abliterate.engines.prefix import PrefixCache, cache_of
 
 
 def _device(model) -> torch.device:
@@ -548,7 +548,7 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
                                                                  **reuse), formatted_harmful, batch_size)
     except _EnoughRefusals:
         return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
-    from abliterate.judges import judge_refusals
+    from abliterate.core.judges import judge_refusals
 
     verdicts = judge_refusals(judge, result.texts)
     degenerate = sum(getattr(judge, "is_degenerate", lambda _: False)(text) for text in result.texts)

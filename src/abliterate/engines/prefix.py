@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from abliterate.arch import adapter_for
+from abliterate.core.arch import adapter_for
 
 
 def default_budget(model) -> int:

@@ -71,12 +71,36 @@ def check_disk_space(out_file: Path, needed: int) -> None:
                         f"{free / 2**30:.1f} GiB is free; free some space or choose another -o")
 
 
+# The one portable llama.cpp build this project installs and tests with. llama.cpp's AMX kernels crash on first decode
+# on Intel CPUs with AMX (an upstream bug), and its native build enables them there; this build is AVX2 without AMX, so
+# it runs on every x86-64 CPU from Haswell on. pip caches a built wheel by version only, not by these flags: install
+# with --no-cache-dir so a wheel built with other flags is never reused.
+LLAMA_CPP_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                        "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+LLAMA_CPP_INSTALL = (f'CMAKE_ARGS="{LLAMA_CPP_CMAKE_ARGS}" pip install --no-cache-dir --force-reinstall '
+                     "llama-cpp-python==0.3.36")
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def llama_cpp_uses_amx(system_info: str) -> bool:
+    """Whether a llama.cpp build runs AMX kernels (its system info names them when it was built with them)."""
+    return any(f"{feature} = 1" in system_info for feature in ("AMX_INT8", "AMX_TILE", "AMX_BF16"))
+
+
 def _require_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("quantising and checking GGUF files needs llama.cpp's Python binding: "
-                        "pip install llama-cpp-python") from None
+        raise UserError(f"quantising and checking GGUF files needs llama.cpp's Python binding: {LLAMA_CPP_INSTALL}") from None
+    if cpu_has_amx() and llama_cpp_uses_amx(llama_cpp.llama_print_system_info().decode(errors="replace")):
+        raise UserError("this llama-cpp-python was built with AMX kernels, which crash on this CPU; rebuild it without "
+                        f"them: {LLAMA_CPP_INSTALL}")
     return llama_cpp
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from abliterate.arch import Adapter, adapter_for, family_for
+from abliterate.core.arch import Adapter, adapter_for, family_for
+from abliterate.core.gguf_reader import clear_gguf_quantizer
 from abliterate.errors import UserError
 
 DEFAULT_MODEL = "tiny"
@@ -46,16 +47,8 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def clear_gguf_quantizer(model) -> None:
-    """A model loaded from GGUF is dense in memory, but transformers refuses to save it until this is cleared."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def resolve(reference: str, revision: str | None = None) -> ModelSource:
-    from abliterate.bundled import BUNDLED, bundled_hf_dir
+    from abliterate.core.bundled import BUNDLED, bundled_hf_dir
 
     if reference in BUNDLED:
         return ModelSource(reference, str(bundled_hf_dir(BUNDLED[reference])))
@@ -119,7 +112,7 @@ def choose_dtype(spec: str, device: str) -> torch.dtype | str:
     return torch.bfloat16 if cpu_bf16_speedup() > 1.3 else torch.float32
 
 
-def _hub_error(source: ModelSource, error: Exception) -> UserError:
+def hub_error(source: ModelSource, error: Exception) -> UserError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(f"could not get model '{source.reference}' from the Hugging Face hub ({first_line}); "
                      "check the id, your network or HF_TOKEN, or give a local directory / .gguf file")
@@ -133,7 +126,7 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
                                           trust_remote_code=trust_remote_code)
     except OSError as error:
         if not source.is_local:
-            raise _hub_error(source, error) from None
+            raise hub_error(source, error) from None
         raise UserError(f"could not read the model config in {source.path} ({error})") from None
     except ValueError as error:
         raise UserError(f"cannot load {source.reference}: {str(error).splitlines()[0]}") from None
@@ -177,7 +170,7 @@ def contiguous_lm_head_input(model) -> None:
 def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: str | dict | None = None,
                revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for measurement and ablation."""
-    from abliterate.gguf_reader import fast_gguf_parsing
+    from abliterate.core.gguf_reader import fast_gguf_parsing
 
     with fast_gguf_parsing():  # a .gguf source is parsed three times by transformers (config, tokenizer, weights)
         return _load_model(reference, dtype, device_map, revision, trust_remote_code)
@@ -201,7 +194,7 @@ def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> Lo
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
     except OSError as error:
-        raise (_hub_error(source, error) if not source.is_local else UserError(f"could not load the tokenizer of {source.path} ({error})")) from None
+        raise (hub_error(source, error) if not source.is_local else UserError(f"could not load the tokenizer of {source.path} ({error})")) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -212,7 +205,7 @@ def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> Lo
         try:
             model = model_class.from_pretrained(source.path, dtype=attempt, device_map=device_map, **common)
         except OSError as error:
-            raise (_hub_error(source, error) if not source.is_local else UserError(f"could not load weights from {source.path} ({error})")) from None
+            raise (hub_error(source, error) if not source.is_local else UserError(f"could not load weights from {source.path} ({error})")) from None
         model.eval()
         model.requires_grad_(False)
         contiguous_lm_head_input(model)

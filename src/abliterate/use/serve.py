@@ -36,8 +36,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from abliterate.chat import split_thoughts, stream_completion
-from abliterate.prompts import format_conversation
+from abliterate.use.chat import split_thoughts, stream_completion
+from abliterate.core.prompts import format_conversation
 
 DEFAULT_PORT = 11435  # next to Ollama's 11434, and clear of llama.cpp (8080), vLLM (8000), LM Studio (1234)
 DEFAULT_MAX_TOKENS_LIMIT = 4096

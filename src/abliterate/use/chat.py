@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from abliterate.judges import THINK_CLOSE, THINK_OPEN
-from abliterate.prompts import format_conversation
+from abliterate.core.judges import THINK_CLOSE, THINK_OPEN
+from abliterate.core.prompts import format_conversation
 
 COMMANDS_HELP = "/reset clears the history, /system TEXT sets the system prompt, /save FILE writes the conversation, exit"
 

@@ -1,0 +1,3 @@
+from abliterate.cli.commands import main
+
+main()

@@ -1,0 +1,1 @@
+"""Stage 1, the ground everything stands on: architectures, loading, prompts, judges, settings, run folders."""

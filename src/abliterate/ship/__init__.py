@@ -1,0 +1,1 @@
+"""Stage 4, shipping a model: Hugging Face folder and card, GGUF, Ollama, the hub."""

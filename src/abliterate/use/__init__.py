@@ -1,0 +1,1 @@
+"""Stage 6, using a model: interactive chat and the OpenAI/Ollama-compatible server."""
