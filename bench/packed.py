@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from abliterate.measure.evaluate import generate, next_token_logprobs
+from abliterate.measure.engines.transformers import generate, next_token_logprobs
 from abliterate.core.load import load_model
-from abliterate.engines.packed import _PackedForward, packed_linears
+from abliterate.measure.engines.packed import _PackedForward, packed_linears
 from abliterate.core.prompts import format_prompts, load_prompts
 
 

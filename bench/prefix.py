@@ -20,8 +20,8 @@ import torch
 
 from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.core.arch import adapter_for
-from abliterate.measure.evaluate import generate, next_token_logprobs
-from abliterate.engines.prefix import PrefixCache
+from abliterate.measure.engines.transformers import generate, next_token_logprobs
+from abliterate.measure.engines.prefix import PrefixCache
 from abliterate.core.prompts import format_prompts, load_prompts
 
 

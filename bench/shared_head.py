@@ -13,7 +13,7 @@ import time
 
 import torch
 
-import abliterate.measure.evaluate as evaluation
+import abliterate.measure.engines.transformers as evaluation
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 

@@ -23,10 +23,11 @@ import torch
 from abliterate.measure.ablation import ablate, plan_edits
 from abliterate.core.settings import SearchSpace
 from abliterate.measure.directions import measure_directions
-from abliterate.measure.evaluate import Baseline, generate, measure_refusals
+from abliterate.measure.evaluate import Baseline, measure_refusals
+from abliterate.measure.engines.transformers import generate
 from abliterate.core.judges import DEFAULT_JUDGE, get_judge, judge_refusals
-from abliterate.engines.packed import packed_linears
-from abliterate.engines.prefix import PrefixCache
+from abliterate.measure.engines.packed import packed_linears
+from abliterate.measure.engines.prefix import PrefixCache
 from abliterate.core.load import load_model
 from abliterate.core.prompts import format_prompts, load_prompts
 from abliterate.search.study import suggest_params

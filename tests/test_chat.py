@@ -14,7 +14,7 @@ from abliterate.measure.ablation import AblationParams, ablate, plan_edits
 from abliterate.core.arch import adapter_for
 from abliterate.use.chat import Conversation, chat_loop, split_thoughts, stream_reply
 from abliterate.measure.directions import Directions
-from abliterate.measure.evaluate import generate
+from abliterate.measure.engines.transformers import generate
 from abliterate.core.prompts import format_conversation
 
 

@@ -9,7 +9,8 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 
 from abliterate.measure.ablation import AblationParams, ablate, plan_edits
 from abliterate.core.arch import adapter_for
-from abliterate.measure.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
+from abliterate.measure.evaluate import Baseline, measure_refusals
+from abliterate.measure.engines.transformers import generate, next_token_logprobs
 from abliterate.core.judges import PhraseJudge
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
@@ -124,14 +125,15 @@ def test_perplexity_matches_the_models_own_loss():
 
 
 def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monkeypatch):
+    from abliterate.measure.engines import transformers as engine
     from abliterate.measure import evaluate as evaluation
 
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     prompts = PROMPTS * 8  # 32 prompts
-    chosen = evaluation.choose_batch_size(model, tokenizer, prompts, max_batch_size=16)
+    chosen = engine.choose_batch_size(model, tokenizer, prompts, max_batch_size=16)
     assert chosen in (1, 2, 4, 8, 16)
 
-    real_generate = evaluation.generate
+    real_generate = engine.generate
 
     def generate_fitting_four(model, tokenizer, formatted_prompts, max_new_tokens=32, batch_size=16, decided=None,
                               **options):
@@ -139,8 +141,9 @@ def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monk
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size, decided, **options)
 
+    monkeypatch.setattr(engine, "generate", generate_fitting_four)
     monkeypatch.setattr(evaluation, "generate", generate_fitting_four)
-    assert evaluation.choose_batch_size(model, tokenizer, prompts, max_batch_size=64) <= 4
+    assert engine.choose_batch_size(model, tokenizer, prompts, max_batch_size=64) <= 4
     # measure_refusals asked for 32 at once halves until it fits, with the same result as batches of 4
     judge = PhraseJudge()
     backed_off = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=32)
@@ -206,7 +209,7 @@ def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type
     compute fewer tokens, the log-probs and the greedy tokens stay those of whole prompts. Models whose cache
     cannot be continued that way (DeepSeek-V3's multi-token continuation fails in transformers) compute whole
     prompts, as before."""
-    import abliterate.measure.evaluate as evaluation
+    import abliterate.measure.engines.transformers as evaluation
 
     model, tokenizer = build_tiny_model(model_type), build_tiny_tokenizer()
     prompts = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]
@@ -236,7 +239,7 @@ def test_the_prompts_shared_head_is_computed_once_and_changes_nothing(model_type
 def test_a_trials_two_passes_compute_their_common_head_once():
     """A search trial's KL pass and its generation open with the same chat header: with one `heads` memo for the
     trial's model, the header's one-row pass runs once, not once per pass, and changes nothing."""
-    import abliterate.measure.evaluate as evaluation
+    import abliterate.measure.engines.transformers as evaluation
 
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
     benign = ["<|system|>Be brief.<|end|>" + p for p in PROMPTS]

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from abliterate.cli.commands import main
-from abliterate.measure.evaluate import generate
+from abliterate.measure.engines.transformers import generate
 from abliterate.ship.gguf_export import compare_greedy, llama_cpp_greedy
 from abliterate.core.gguf_reader import GGUFReader
 

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "abliterate"
 
 # Lowest first. A module may import its own stage and any stage before it.
-STAGES = ["errors", "plugins", "core", "engines", "measure", "ship", "search", "use", "choose", "cli"]
+STAGES = ["errors", "plugins", "core", "measure", "ship", "search", "use", "choose", "cli"]
 TOP = ["__init__"]  # the Python API re-exports the stages
 
 

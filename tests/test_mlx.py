@@ -17,7 +17,7 @@ from mlx_lm.generate import generate_step  # noqa: E402
 
 from abliterate.measure.ablation import AblationParams, bake, plan_edits  # noqa: E402
 from abliterate.core.arch import adapter_for  # noqa: E402
-from abliterate.ship.export import save_hf  # noqa: E402
+from abliterate.core.save import save_hf  # noqa: E402
 
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=16)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from abliterate.engines import packed as packed_module
+from abliterate.measure.engines import packed as packed_module
 from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.core.arch import adapter_for
-from abliterate.measure.evaluate import generate, next_token_logprobs
-from abliterate.engines.packed import packable, packed_linears
+from abliterate.measure.engines.transformers import generate, next_token_logprobs
+from abliterate.measure.engines.packed import packable, packed_linears
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>",

@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import ARCH_CONFIGS, VISION_LANGUAGE, build_tiny_model, build_tiny_tokenizer
 
-from abliterate.measure import evaluate
-from abliterate.engines import prefix as prefix_module
+from abliterate.measure.engines import transformers as evaluate
+from abliterate.measure.engines import prefix as prefix_module
 from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.core.arch import adapter_for
-from abliterate.measure.evaluate import Baseline, generate, measure_refusals, next_token_logprobs
+from abliterate.measure.evaluate import Baseline, measure_refusals
+from abliterate.measure.engines.transformers import generate, next_token_logprobs
 from abliterate.core.judges import PhraseJudge
-from abliterate.engines.prefix import PrefixCache, plan_stops
+from abliterate.measure.engines.prefix import PrefixCache, plan_stops
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]

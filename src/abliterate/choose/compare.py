@@ -362,7 +362,8 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
     import contextlib
 
     from abliterate.measure.ablation import ablate, plan_edits
-    from abliterate.measure.evaluate import generate, measure_refusals
+    from abliterate.measure.evaluate import measure_refusals
+    from abliterate.measure.engines.transformers import generate
     from abliterate.core.prompts import format_prompts
     from abliterate.measure import probes as probe_scoring
 

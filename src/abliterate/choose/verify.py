@@ -254,7 +254,8 @@ def verify(model: str, base: str | None, settings: VerifySettings, status=lambda
     from abliterate.measure.ablation import ablate, plan_edits
     from abliterate.choose.compare import same_reference, check_vocabularies, parse_spec
     from abliterate.measure.directions import Directions
-    from abliterate.measure.evaluate import Baseline, generate, measure_refusals
+    from abliterate.measure.evaluate import Baseline, measure_refusals
+    from abliterate.measure.engines.transformers import generate
     from abliterate.core.judges import get_judge, is_degenerate, judge_refusals
     from abliterate.core.load import load_model
     from abliterate.measure.probes import reasoning_probes

@@ -201,7 +201,7 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
     """Bake an ablation into the weights and save a complete HF model."""
     from abliterate.measure.ablation import bake, plan_edits
     from abliterate.measure.directions import Directions
-    from abliterate.ship.export import check_output_dir, save_hf
+    from abliterate.core.save import check_output_dir, save_hf
 
     gguf_out = output.lower().endswith(".gguf")
     if gguf_out:
@@ -341,7 +341,8 @@ def eval_command(model, revision, dtype, device_map, trust_remote_code, base, ha
     """Measure refusals (held-out split by default) and KL against the base model."""
     import json as json_module
 
-    from abliterate.measure.evaluate import Baseline, check_same_vocabulary, choose_batch_size, evaluate, perplexity
+    from abliterate.measure.evaluate import Baseline, check_same_vocabulary, evaluate, perplexity
+    from abliterate.measure.engines.transformers import choose_batch_size
     from abliterate.core.judges import get_judge
     from abliterate.core.prompts import format_prompts
 
@@ -694,7 +695,7 @@ def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify
 
 
 def _verify_gguf(hf_dir: Path, gguf_file: Path, quant: str, n_prompts: int, n_tokens: int) -> None:
-    from abliterate.measure.evaluate import generate
+    from abliterate.measure.engines.transformers import generate
     from abliterate.ship.gguf_export import compare_greedy, llama_cpp_greedy
     from abliterate.core.load import load_model
     from abliterate.core.prompts import format_prompts, load_prompts

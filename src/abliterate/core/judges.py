@@ -351,9 +351,10 @@ DEFAULT_JUDGE = "classifier"  # the best measured on the labelled set (README, t
 
 
 def get_judge(name: str = DEFAULT_JUDGE):
+    """A judge by its registered name (`abliterate.plugins.JUDGES`)."""
+    from abliterate import plugins
     from abliterate.errors import UserError
 
-    try:
-        return JUDGES[name]()
-    except KeyError:
-        raise UserError(f"unknown judge '{name}'; choose one of {', '.join(JUDGES)}") from None
+    if name not in plugins.JUDGES:
+        raise UserError(f"unknown judge '{name}'; choose one of {', '.join(plugins.JUDGES)}")
+    return plugins.plugin(plugins.JUDGES, name)()

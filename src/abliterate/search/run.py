@@ -13,40 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate import __version__
-from abliterate.measure.ablation import AblationParams, ablate, bake, plan_edits
+from abliterate.measure.ablation import AblationParams
 from abliterate.core.settings import RunSettings
-from abliterate.measure.directions import Directions, measure_directions
+from abliterate.measure.directions import Directions
 from abliterate.errors import UserError
-from abliterate.measure.evaluate import Baseline, choose_batch_size, evaluate, refused_subset
 from abliterate.core.judges import get_judge
 from abliterate.core import rundir
 from abliterate.core.rundir import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
-from abliterate.engines.packed import packed_linears
-from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash
+from abliterate.measure.engines.packed import packed_linears
+from abliterate.measure.workbench import PromptSplits, Workbench
 from abliterate.search.study import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
 
 
-@dataclass
-class PromptSets:
-    train: tuple[list[str], list[str]]
-    tune: tuple[list[str], list[str]]
-    eval: tuple[list[str], list[str]]
-
-    def hashes(self) -> dict:
-        return {f"{split}_{kind}": prompt_set_hash(prompts)
-                for split in ("train", "tune", "eval")
-                for kind, prompts in zip(("harmful", "harmless"), getattr(self, split))}
-
-
-def read_prompt_sets(settings: RunSettings) -> PromptSets:
-    def split_of(source: str, split: str, limit: int) -> list[str]:
-        return load_prompts(source, settings.column, split)[:limit]
-
-    return PromptSets(*(
-        (split_of(settings.harmful, split, limit), split_of(settings.harmless, split, limit))
-        for split, limit in (("train", settings.direction_prompts), ("tune", settings.tune_prompts),
-                             ("eval", settings.eval_prompts))
-    ))
+def read_prompt_sets(settings: RunSettings) -> PromptSplits:
+    return PromptSplits.read(settings.harmful, settings.harmless, settings.column, settings.direction_prompts,
+                             settings.tune_prompts, settings.eval_prompts)
 
 
 def search_prompts(tune_harmful: list[str], which: str, base_refused: list[int] | None) -> list[str]:
@@ -84,128 +65,139 @@ class Hooks:
 
 
 def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunResult:
-    from abliterate.core.load import load_model
-
     hooks = hooks or Hooks()
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
     state = rundir.prepare(output, settings)
-
     hooks.status(f"loading {settings.model}")
-    loaded = load_model(settings.model, settings.dtype, settings.device_map, settings.revision, settings.trust_remote_code)
-    system_prompt = settings.system_prompt
-
-    def fmt(items):
-        return format_prompts(loaded.tokenizer, items, system_prompt)
-
-    if settings.batch_size:
-        batch_size = settings.batch_size
-    elif "batch_size" in state:
-        batch_size = state["batch_size"]  # a resumed run keeps the batches its trials were measured with
-    else:
-        hooks.status("choosing the batch size (the fastest that fits)")
-        batch_size = choose_batch_size(loaded.model, loaded.tokenizer, fmt(prompts.tune[0]), settings.max_batch_size,
-                                       settings.max_new_tokens)
-    if "batch_size" not in state:  # given or chosen: a resume without the flag measures with the same batches
-        state["batch_size"] = batch_size
-        rundir.write_json(output / RUN_FILE, state)
-
-    directions_path = output / DIRECTIONS_FILE
-    if directions_path.is_file():
-        directions = Directions.load(directions_path).fitted_to(loaded.adapter)
-    else:
-        harmful_train, harmless_train = prompts.train
-        if settings.direction_harmful == "refused":
-            hooks.status(f"finding the harmful train prompts the base model refuses (of {len(harmful_train)})")
-            refused = refused_subset(loaded.model, loaded.tokenizer, harmful_train, fmt(harmful_train), judge,
-                                     settings.max_new_tokens, batch_size)
-            if refused is None:
-                hooks.status("the base model hardly refuses them: directions from all of them")
-            harmful_train = refused or harmful_train
-        hooks.status(f"measuring refusal directions on {len(harmful_train)} + {len(harmless_train)} prompts")
-        directions = measure_directions(loaded, harmful_train, harmless_train, system_prompt=system_prompt,
-                                        batch_size=batch_size, projected=settings.projected,
-                                        winsorize_quantile=settings.winsorize if settings.winsorize < 1 else None,
-                                        metadata={"harmful_offered": len(prompts.train[0]),
-                                                  "harmful_filter": settings.direction_harmful})
-        directions.save(directions_path)
-
+    bench = Workbench.open(settings.model, prompts, judge, settings.dtype, settings.device_map, settings.revision,
+                           settings.trust_remote_code, max_new_tokens=settings.max_new_tokens,
+                           kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
+    _set_batch_size(bench, settings, state, output, hooks)
+    directions = bench.use(_directions(bench, settings, output, hooks))
     hooks.status("measuring the base model on the tune and eval splits")
-    tune_harmful, eval_harmful = fmt(prompts.tune[0]), fmt(prompts.eval[0])
-    tune_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.tune[1]), settings.kl_tokens, batch_size=batch_size)
-    eval_baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(prompts.eval[1]), settings.kl_tokens, batch_size=batch_size)
+    tune_baseline = bench.baseline("tune")
+    bench.baseline("eval")
     if "base" not in state:
-        state["base"] = {}
-        for split, harmful in (("tune", tune_harmful), ("eval", eval_harmful)):
-            metrics = evaluate(loaded.model, loaded.tokenizer, harmful, judge, None, settings.max_new_tokens, batch_size)
-            metrics.kl, metrics.kl_multi_token = 0.0, 0.0  # the base against itself, by definition
-            state["base"][split] = metrics.to_dict()
-            if split == "tune":
-                state["base_tune_refused"] = [i for i, refused in enumerate(metrics.extra["verdicts"]) if refused]
+        base = {split: bench.base_refusals(split) for split in ("tune", "eval")}
+        state["base"] = {split: metrics.to_dict() for split, metrics in base.items()}
+        state["base_tune_refused"] = [i for i, refused in enumerate(base["tune"].extra["verdicts"]) if refused]
         rundir.write_json(output / RUN_FILE, state)
+    tune_harmful = bench.format(prompts.tune[0])
     search_harmful = search_prompts(tune_harmful, settings.search_prompts, state.get("base_tune_refused"))
     if len(search_harmful) < len(tune_harmful):
         hooks.status(f"trials answer the {len(search_harmful)} tune prompts the base model refuses; the "
                      f"{len(tune_harmful) - len(search_harmful)} it answers count as answered")
-
     study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials,
-                       warm_start_params(settings.space, loaded.adapter.n_layers))
+                       warm_start_params(settings.space, bench.loaded.adapter.n_layers))
     refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
-    context = TrialContext(loaded, directions.directions, search_harmful, tune_baseline, judge, settings.max_new_tokens,
-                           batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling,
+    context = TrialContext(bench.loaded, directions.directions, search_harmful, tune_baseline, judge,
+                           settings.max_new_tokens, bench.batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling,
                            early_verdicts=settings.early_verdicts)
-    run_trial = objective(context, settings.space)
-    total = len(tune_harmful)
-    study.set_user_attr("tune_prompts", total)
-    trials_run = 0
-
-    def search(target: int) -> None:
-        nonlocal trials_run
-        with packed_linears(loaded.model):  # CPU float32: weights prepacked for the trials' small products
-            while (done := len(finished_trials(study))) < target:
-                trial = study.ask()
-                try:
-                    values = run_trial(trial)
-                except BaseException:
-                    study.tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
-                    raise
-                frozen = study.tell(trial, values)
-                trials_run += 1
-                hooks.trial_done(study, frozen, done + 1, target)
-
-    search(settings.trials)
-    while True:
-        choice = hooks.choose(study, total)
-        if choice is None:
-            chosen = pick_trial(study, settings.pick, total)
-            break
-        chosen, action = choice
-        if action == "save":
-            break
-        if action == "chat":  # talk to the trial's model: the ablation as hooks, removed afterwards
-            params = AblationParams.from_dict(chosen.user_attrs["params"])
-            with ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving):
-                hooks.chat(loaded.model, loaded.tokenizer)
-            continue
-        if isinstance(action, tuple) and action[0] == "more":
-            search(len(finished_trials(study)) + action[1])
-            continue
-        raise UserError("stopped without saving; run the same command again to continue")
-
+    study.set_user_attr("tune_prompts", len(tune_harmful))
+    search = Search(study, objective(context, settings.space), bench.model, hooks)
+    search.until(settings.trials)
+    chosen = _choose(search, bench, settings, len(tune_harmful), hooks)
     params = AblationParams.from_dict(chosen.user_attrs["params"])
     saved = rundir.saved_record(output)
     if saved and saved.get("trial") == chosen.number and saved.get("trials_finished") == len(finished_trials(study)):
         hooks.status(f"trial {chosen.number} is already saved in {output}")  # a re-run after the save: nothing to redo
-        return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"], trials_run, study,
-                         saved)
+        return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"],
+                         search.trials_run, study, saved)
     hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
-    edits = plan_edits(loaded.adapter, directions.directions, params)
-    bake(edits, params.norm_preserving)
-    abliterated = {
-        split: evaluate(loaded.model, loaded.tokenizer, harmful, judge, baseline, settings.max_new_tokens, batch_size).to_dict()
-        for split, harmful, baseline in (("tune", tune_harmful, tune_baseline), ("eval", eval_harmful, eval_baseline))
-    }
-    record = {
+    edits = bench.bake(params)
+    abliterated = {split: bench.measure(None, split).to_dict() for split in ("tune", "eval")}
+    record = _record(settings, bench, chosen, params, output / DIRECTIONS_FILE, directions, state["base"], abliterated,
+                     len(finished_trials(study)))
+    hooks.status(f"saving {output}")
+    _save(bench, output, settings, edits, record, hooks)
+    return RunResult(output, chosen.number, params, state["base"], abliterated, search.trials_run, study, record)
+
+
+def _set_batch_size(bench: Workbench, settings: RunSettings, state: dict, output: Path, hooks: Hooks) -> None:
+    """Given, kept from the run being resumed (its trials were measured with those batches), or chosen now."""
+    if settings.batch_size:
+        bench.batch_size = settings.batch_size
+    elif "batch_size" in state:
+        bench.batch_size = state["batch_size"]
+    else:
+        hooks.status("choosing the batch size (the fastest that fits)")
+        bench.choose_batch_size(settings.max_batch_size)
+    if "batch_size" not in state:  # given or chosen: a resume without the flag measures with the same batches
+        state["batch_size"] = bench.batch_size
+        rundir.write_json(output / RUN_FILE, state)
+
+
+def _directions(bench: Workbench, settings: RunSettings, output: Path, hooks: Hooks) -> Directions:
+    """The run's directions: those it measured already, or measured now (from the train prompts the model refuses,
+    by default) and saved before anything else uses them."""
+    path = output / DIRECTIONS_FILE
+    if path.is_file():
+        return Directions.load(path)
+    harmful, harmless = bench.prompts.train
+    if settings.direction_harmful == "refused":
+        hooks.status(f"finding the harmful train prompts the base model refuses (of {len(harmful)})")
+        refused = bench.refused(harmful)
+        if refused is None:
+            hooks.status("the base model hardly refuses them: directions from all of them")
+        harmful = refused or harmful
+    hooks.status(f"measuring refusal directions on {len(harmful)} + {len(harmless)} prompts")
+    directions = bench.directions(harmful, harmless, projected=settings.projected,
+                                  winsorize=settings.winsorize if settings.winsorize < 1 else None,
+                                  metadata={"harmful_offered": len(bench.prompts.train[0]),
+                                            "harmful_filter": settings.direction_harmful})
+    directions.save(path)
+    return directions
+
+
+class Search:
+    """Trials asked of the study and told back, one at a time; a trial that fails or is interrupted is recorded as
+    failed (the journal stays consistent, and a resume asks anew)."""
+
+    def __init__(self, study, run_trial, model, hooks: Hooks):
+        self.study, self.run_trial, self.model, self.hooks = study, run_trial, model, hooks
+        self.trials_run = 0
+
+    def until(self, target: int) -> None:
+        import optuna
+
+        with packed_linears(self.model):  # CPU float32: weights prepacked for the trials' small products
+            while (done := len(finished_trials(self.study))) < target:
+                trial = self.study.ask()
+                try:
+                    values = self.run_trial(trial)
+                except BaseException:
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                frozen = self.study.tell(trial, values)
+                self.trials_run += 1
+                self.hooks.trial_done(self.study, frozen, done + 1, target)
+
+
+def _choose(search: Search, bench: Workbench, settings: RunSettings, total: int, hooks: Hooks):
+    """The trial to save: by the settings' pick rule, or as the user chooses (who may chat with a trial's model or
+    ask for more trials first)."""
+    while True:
+        choice = hooks.choose(search.study, total)
+        if choice is None:
+            return pick_trial(search.study, settings.pick, total)
+        chosen, action = choice
+        if action == "save":
+            return chosen
+        if action == "chat":  # talk to the trial's model: the ablation in memory, removed afterwards
+            params = AblationParams.from_dict(chosen.user_attrs["params"])
+            with bench.engine.ablated(bench.edits(params), params.norm_preserving):
+                hooks.chat(bench.model, bench.tokenizer)
+        elif isinstance(action, tuple) and action[0] == "more":
+            search.until(len(finished_trials(search.study)) + action[1])
+        else:
+            raise UserError("stopped without saving; run the same command again to continue")
+
+
+def _record(settings: RunSettings, bench: Workbench, chosen, params: AblationParams, directions_path: Path,
+            directions: Directions, base: dict, abliterated: dict, trials_finished: int) -> dict:
+    """abliteration.json: what was made, from what, how, and what it measures."""
+    return {
         "tool": f"abliterate {__version__}",
         "base_model": settings.model,
         "revision": settings.revision,
@@ -214,28 +206,29 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         "directions": {"file": DIRECTIONS_FILE, "sha256": rundir.sha256(directions_path), **directions.metadata},
         "seed": settings.seed,
         "settings": settings.model_dump(mode="json"),
-        "prompt_sets_sha256": prompts.hashes(),
-        "judge": judge.name,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "metrics": {"base": state["base"], "abliterated": abliterated},
-        "trials_finished": len(finished_trials(study)),
+        "prompt_sets_sha256": bench.prompts.hashes(),
+        "judge": bench.judge.name,
+        "dtype": str(bench.loaded.dtype).removeprefix("torch."),
+        "batch_size": bench.batch_size,
+        "metrics": {"base": base, "abliterated": abliterated},
+        "trials_finished": trials_finished,
     }
-    hooks.status(f"saving {output}")
-    from abliterate.ship.export import model_card, save_into
 
-    if loaded.source.gguf_file:  # GGUF in → GGUF out as well: the edited tensors re-encoded, the rest copied
+
+def _save(bench: Workbench, output: Path, settings: RunSettings, edits: list, record: dict, hooks: Hooks) -> None:
+    """The baked model into `output`; a GGUF source also gets a GGUF out (the edited tensors re-encoded, the rest
+    copied)."""
+    source = bench.loaded.source
+    if source.gguf_file:
         from abliterate.ship.gguf_edit import edited_parameters, write_edited_gguf
 
-        gguf_out = output / f"{settings.name or Path(loaded.source.gguf_file).stem}-abliterated.gguf"
+        gguf_out = output / f"{settings.name or Path(source.gguf_file).stem}-abliterated.gguf"
         hooks.status(f"writing {gguf_out.name}")
         gguf_out.unlink(missing_ok=True)
-        report = write_edited_gguf(Path(loaded.source.path) / loaded.source.gguf_file, gguf_out, loaded.model,
-                                   edited_parameters(edits))
+        report = write_edited_gguf(Path(source.path) / source.gguf_file, gguf_out, bench.model, edited_parameters(edits))
         record["gguf"] = {"file": gguf_out.name, "tensors_edited": report.tensors_edited,
                           "retyped": {name: list(types) for name, types in report.retyped.items()}}
-    save_into(loaded.model, loaded.tokenizer, output, {"README.md": model_card(record)}, RECORD_FILE, record)
-    return RunResult(output, chosen.number, params, state["base"], abliterated, trials_run, study, record)
+    bench.save(output, record, RECORD_FILE)
 
 
 EXPORT_TARGETS = ("gguf", "ollama")

@@ -37,7 +37,7 @@ from abliterate.core.rundir import STUDY_NAME
 from abliterate.errors import UserError
 from abliterate.measure.evaluate import measure_refusals
 from abliterate.search.pick import auto_choice
-from abliterate.engines.prefix import PrefixCache
+from abliterate.measure.engines.prefix import PrefixCache
 
 # (band, KL below, refusal rate below): reference 001's quality bands.
 QUALITY_BANDS = (("Excellent", 0.15, 0.01), ("Very good", 0.25, 0.025), ("Good", 0.40, 0.05))

@@ -150,7 +150,7 @@ def _bare_card(record: dict | None, out: Path) -> str:
 def hub_card(out: Path, record: dict | None, repo_id: str, bundle: list[str]) -> str:
     """The model card as published: the directory's README.md if it has the run's numbers (so hand edits are
     kept), else one made from the record; usage pointed at the repository; a valid `base_model`; the bundle."""
-    from abliterate.ship.export import model_card
+    from abliterate.core.save import model_card
 
     readme = out / "README.md"
     card = readme.read_text(encoding="utf-8") if readme.is_file() else None

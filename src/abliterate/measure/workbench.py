@@ -1,0 +1,148 @@
+"""The measuring core: one loaded model and everything measured against it.
+
+A `Workbench` owns the model (through its engine), the prompt splits formatted for it, the judge, the batch size and
+the base model's measurements per split. `run`, `eval`, `compare`, `verify`, the benchmarks and the Python API are
+short compositions of its five calls:
+
+    bench = Workbench.open("tiny", PromptSplits.bundled(tune=32, eval=64), judge="classifier")
+    directions = bench.directions()                     # refusal directions from the train split
+    before = bench.measure(None, "eval")                # the base model: refusals (KL 0 by definition)
+    after = bench.measure(params, "eval")               # an ablation, applied in memory and removed afterwards
+    bench.bake(params); bench.save("out", record)       # into the weights, then a Hugging Face folder
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abliterate.core.judges import get_judge
+from abliterate.core.load import LoadedModel, load_model
+from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash
+from abliterate.measure.ablation import AblationParams, bake, plan_edits
+from abliterate.measure.directions import Directions, measure_directions
+from abliterate.measure.engines.transformers import TransformersEngine
+from abliterate.measure.evaluate import Baseline, Metrics, evaluate, refused_subset
+
+SPLITS = ("train", "tune", "eval")
+
+
+@dataclass
+class PromptSplits:
+    """Harmful and harmless prompts (raw, unformatted) of each split: train (directions), tune (the search), eval
+    (held out: the final report only)."""
+
+    train: tuple[list[str], list[str]] = ([], [])
+    tune: tuple[list[str], list[str]] = ([], [])
+    eval: tuple[list[str], list[str]] = ([], [])
+
+    @classmethod
+    def read(cls, harmful: str = "harmful", harmless: str = "harmless", column: str | None = None,
+             train: int = 128, tune: int = 48, eval: int = 100) -> "PromptSplits":
+        """Each set's splits (bundled sets, files or datasets), the first `train`/`tune`/`eval` prompts of each."""
+        return cls(*((load_prompts(harmful, column, split)[:limit], load_prompts(harmless, column, split)[:limit])
+                     for split, limit in zip(SPLITS, (train, tune, eval))))
+
+    def hashes(self) -> dict:
+        return {f"{split}_{kind}": prompt_set_hash(prompts)
+                for split in SPLITS for kind, prompts in zip(("harmful", "harmless"), getattr(self, split))}
+
+
+@dataclass
+class Workbench:
+    loaded: LoadedModel
+    prompts: PromptSplits
+    judge: object
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    kl_tokens: int = 16
+    system_prompt: str | None = None
+    engine: TransformersEngine = field(init=False)
+    baselines: dict[str, Baseline] = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.engine = TransformersEngine(self.loaded)
+
+    @classmethod
+    def open(cls, model: str, prompts: PromptSplits, judge: str = "classifier", dtype: str = "auto",
+             device_map=None, revision: str | None = None, trust_remote_code: bool = False, **measuring) -> "Workbench":
+        """Load `model` and set the bench up (`measuring`: batch_size, max_new_tokens, kl_tokens, system_prompt)."""
+        judge_object = get_judge(judge) if isinstance(judge, str) else judge
+        return cls(load_model(model, dtype, device_map, revision, trust_remote_code), prompts, judge_object, **measuring)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def format(self, prompts: list[str]) -> list[str]:
+        """The prompts as the model sees them: its chat template, the system prompt, the assistant's turn opened."""
+        return format_prompts(self.tokenizer, prompts, self.system_prompt)
+
+    def choose_batch_size(self, max_batch_size: int = 64) -> int:
+        """The fastest batch size that fits (timed on the tune split's harmful prompts); kept for every measurement."""
+        self.batch_size = self.engine.choose_batch_size(self.format(self.prompts.tune[0]), max_batch_size,
+                                                        self.max_new_tokens)
+        return self.batch_size
+
+    def refused(self, prompts: list[str]) -> list[str] | None:
+        """The prompts the model refuses as it is now (None when it refuses too few for a direction of its own)."""
+        return refused_subset(self.model, self.tokenizer, prompts, self.format(prompts), self.judge,
+                              self.max_new_tokens, self.batch_size)
+
+    def directions(self, harmful: list[str] | None = None, harmless: list[str] | None = None, projected: bool = True,
+                   winsorize: float | None = None, metadata: dict | None = None) -> Directions:
+        """Refusal directions per layer, from the train split unless prompts are given."""
+        return measure_directions(self.loaded, self.prompts.train[0] if harmful is None else harmful,
+                                  self.prompts.train[1] if harmless is None else harmless,
+                                  system_prompt=self.system_prompt, batch_size=self.batch_size, projected=projected,
+                                  winsorize_quantile=winsorize, metadata=metadata)
+
+    def baseline(self, split: str) -> Baseline:
+        """The base model on the split's harmless prompts (first-token and continuation log-probs), measured once.
+        Call it before editing the model: it measures the model as it is."""
+        if split not in self.baselines:
+            self.baselines[split] = Baseline.measure(self.model, self.tokenizer, self.format(getattr(self.prompts, split)[1]),
+                                                     self.kl_tokens, batch_size=self.batch_size)
+        return self.baselines[split]
+
+    def measure(self, params: AblationParams | None, split: str, directions: Directions | None = None) -> Metrics:
+        """Refusals on the split's harmful prompts and KL against the base on its harmless ones, with `params`
+        applied in memory (removed afterwards); None: the model as it is (the base, or a baked model)."""
+        baseline = self.baseline(split)
+        harmful = self.format(getattr(self.prompts, split)[0])
+        if params is None:
+            return evaluate(self.model, self.tokenizer, harmful, self.judge, baseline, self.max_new_tokens, self.batch_size)
+        with self.engine.ablated(self.edits(params, directions), params.norm_preserving):
+            return evaluate(self.model, self.tokenizer, harmful, self.judge, baseline, self.max_new_tokens, self.batch_size)
+
+    def base_refusals(self, split: str) -> Metrics:
+        """The base model's refusals on the split (its KL against itself is 0 by definition: not measured)."""
+        harmful = self.format(getattr(self.prompts, split)[0])
+        metrics = evaluate(self.model, self.tokenizer, harmful, self.judge, None, self.max_new_tokens, self.batch_size)
+        metrics.kl, metrics.kl_multi_token = 0.0, 0.0
+        return metrics
+
+    def edits(self, params: AblationParams, directions: Directions | None = None) -> list:
+        return plan_edits(self.loaded.adapter, (directions or self.current_directions).directions, params)
+
+    def use(self, directions: Directions) -> Directions:
+        """The directions `measure`, `bake` and `edits` use when none are given (fitted to this model's layers)."""
+        self.current_directions = directions.fitted_to(self.loaded.adapter)
+        return self.current_directions
+
+    def bake(self, params: AblationParams, directions: Directions | None = None) -> list:
+        """The ablation written into the weights (irreversible in memory); returns the edits made."""
+        edits = self.edits(params, directions)
+        bake(edits, params.norm_preserving)
+        return edits
+
+    def save(self, output: str | Path, record: dict, record_name: str = "abliteration.json") -> Path:
+        """The model as it is now, as a Hugging Face folder with its card and `record`, written whole or not at all."""
+        from abliterate.core.save import model_card, save_into
+
+        save_into(self.model, self.tokenizer, Path(output), {"README.md": model_card(record)}, record_name, record)
+        return Path(output)

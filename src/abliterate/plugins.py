@@ -1,0 +1,84 @@
+"""The whole extension surface in one file: what an engine, a judge, an architecture family and an exporter are,
+and where each kind is registered.
+
+A registry maps a name (what a user types: `--engine`, `--judge`, `--export`) to "module:attribute"; `plugin()` imports
+it on first use, so this file depends on nothing and listing names loads no model code. Add an entry here and the
+name works everywhere: the CLI, the settings file, the Python API.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs a loaded model forward. The transformers engine is the reference; another backend (vLLM, MLX) implements
+    the same five calls. Prompts arrive formatted (chat template applied); log-probs are float32 on the CPU."""
+
+    name: str
+
+    def ablated(self, edits: list, norm_preserving: bool) -> AbstractContextManager:
+        """The ablation applied for the duration of a `with` block, then removed exactly."""
+
+    def first_token_logprobs(self, prompts: list[str], batch_size: int):
+        """[N, vocab] log-probabilities of the first response token."""
+
+    def teacher_forced_logprobs(self, prompts: list[str], continuations: list[list[int]], batch_size: int):
+        """[N, T, vocab] log-probabilities at each position of each prompt's given continuation."""
+
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int, stop=None) -> list[str]:
+        """Greedy answers; `stop(text) -> bool` ends an answer as soon as it returns True (early verdicts)."""
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Decides whether an answer is a refusal. `refusals` (batched) is optional; `decided(partial)` (optional) says
+    when an answer's verdict can no longer change, so generation can stop early."""
+
+    name: str
+
+    def is_refusal(self, response: str) -> bool: ...
+
+
+class Family(Protocol):
+    """Where an architecture family's residual writers live (`abliterate.core.arch.Family` is the implementation:
+    attribute paths relative to a decoder layer, and any norm between a writer and the residual add)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention_out: str
+    mlp_out_names: tuple[str, ...]
+
+
+class Exporter(Protocol):
+    """Turns a saved model folder into another product (a GGUF file, an Ollama model, a hub repository)."""
+
+    def __call__(self, model_dir: Path, **options) -> object: ...
+
+
+ENGINES = {
+    "transformers": "abliterate.measure.engines.transformers:TransformersEngine",
+}
+JUDGES = {
+    "classifier": "abliterate.core.judges:ClassifierJudge",
+    "phrase": "abliterate.core.judges:PhraseJudge",
+    "embedding": "abliterate.core.judges:EmbeddingJudge",
+}
+FAMILIES = "abliterate.core.arch:FAMILIES"  # a tuple of Family: add one there (attribute paths only)
+EXPORTERS = {
+    "gguf": "abliterate.ship.gguf_export:convert",
+    "ollama": "abliterate.ship.ollama:export_ollama",
+    "hub": "abliterate.ship.publish:push",
+}
+
+
+def plugin(registry: dict[str, str] | str, name: str | None = None):
+    """The object a registry entry names, imported now."""
+    target = registry if isinstance(registry, str) else registry[name]
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
