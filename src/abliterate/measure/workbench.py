@@ -4,11 +4,11 @@ A `Workbench` owns the model (through its engine), the prompt splits formatted f
 the base model's measurements per split. `run`, `eval`, `compare`, `verify`, the benchmarks and the Python API are
 short compositions of its five calls:
 
-    bench = Workbench.open("tiny", PromptSplits.bundled(tune=32, eval=64), judge="classifier")
-    directions = bench.directions()                     # refusal directions from the train split
-    before = bench.measure(None, "eval")                # the base model: refusals (KL 0 by definition)
-    after = bench.measure(params, "eval")               # an ablation, applied in memory and removed afterwards
-    bench.bake(params); bench.save("out", record)       # into the weights, then a Hugging Face folder
+    bench = Workbench.open("tiny", PromptSplits.read(tune=32, eval=64), judge="classifier")
+    bench.use(bench.directions())                        # refusal directions from the train split
+    before = bench.base_refusals("eval")                 # the base model (its KL against itself is 0)
+    after = bench.measure(params, "eval")                # an ablation, applied in memory and removed afterwards
+    bench.bake(params); bench.save("out", record)        # into the weights, then a Hugging Face folder
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate import __version__
 from abliterate.core.judges import get_judge
 from abliterate.core.load import LoadedModel, load_model
 from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash
+from abliterate.core.save import model_card, save_into
 from abliterate.measure.ablation import AblationParams, bake, plan_edits
 from abliterate.measure.directions import Directions, measure_directions
 from abliterate.measure.engines.transformers import TransformersEngine
+from abliterate.errors import UserError
 from abliterate.measure.evaluate import Baseline, Metrics, evaluate, refused_subset
 
 SPLITS = ("train", "tune", "eval")
@@ -59,6 +62,7 @@ class Workbench:
     system_prompt: str | None = None
     engine: TransformersEngine = field(init=False)
     baselines: dict[str, Baseline] = field(default_factory=dict, init=False)
+    current_directions: Directions | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.engine = TransformersEngine(self.loaded)
@@ -127,7 +131,11 @@ class Workbench:
         return metrics
 
     def edits(self, params: AblationParams, directions: Directions | None = None) -> list:
-        return plan_edits(self.loaded.adapter, (directions or self.current_directions).directions, params)
+        """What `params` change in this model: per writer module, the direction removed and how strongly."""
+        directions = directions or self.current_directions
+        if directions is None:
+            raise UserError("no refusal directions yet: measure them (bench.use(bench.directions())) or load a file")
+        return plan_edits(self.loaded.adapter, directions.directions, params)
 
     def use(self, directions: Directions) -> Directions:
         """The directions `measure`, `bake` and `edits` use when none are given (fitted to this model's layers)."""
@@ -140,9 +148,12 @@ class Workbench:
         bake(edits, params.norm_preserving)
         return edits
 
-    def save(self, output: str | Path, record: dict, record_name: str = "abliteration.json") -> Path:
-        """The model as it is now, as a Hugging Face folder with its card and `record`, written whole or not at all."""
-        from abliterate.core.save import model_card, save_into
-
-        save_into(self.model, self.tokenizer, Path(output), {"README.md": model_card(record)}, record_name, record)
-        return Path(output)
+    def save(self, output: str | Path, record: dict | None = None, record_name: str = "abliteration.json") -> Path:
+        """The model as it is now, as a Hugging Face folder, with `record` (and, for a run's full record, the model
+        card made from its numbers); written beside and moved in, the record last."""
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        record = record if record is not None else {"tool": f"abliterate {__version__}", "base_model": self.loaded.source.reference}
+        card = {"README.md": model_card(record)} if "metrics" in record else {}
+        save_into(self.model, self.tokenizer, output, card, record_name, record)
+        return output
