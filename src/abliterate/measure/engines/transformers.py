@@ -252,6 +252,27 @@ def _static_decoding(model, decode: str) -> bool:
     return decode == "static"
 
 
+def _still_open(tokenizer, active: list[int], step_tokens: list[int], tokens: dict[int, list[int]], eos_ids: set,
+                decided, verdicts_at, steps: int) -> list[int]:
+    """Append this step's token to each active row's answer; the positions (in `active`) of the rows that go on: not
+    ended by EOS, nor by `decided`, nor given a verdict by `verdicts_at`."""
+    keep, open_texts = [], []  # each kept row's answer so far, decoded once per step
+    for position, (index, token) in enumerate(zip(active, step_tokens)):
+        if token in eos_ids:
+            continue
+        tokens[index].append(token)
+        text = tokenizer.decode(tokens[index], skip_special_tokens=True) if decided or verdicts_at else ""
+        if decided is not None and decided(text):
+            continue
+        keep.append(position)
+        open_texts.append(text)
+    if verdicts_at is not None and keep:
+        verdicts = verdicts_at(open_texts, steps)
+        if verdicts is not None:
+            keep = [p for p, verdict in zip(keep, verdicts) if verdict is None]
+    return keep
+
+
 @torch.no_grad()
 def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              decided=None, first_edited_layer: int | None = None, prefix: PrefixCache | None = None,
@@ -288,25 +309,11 @@ def generate(model, tokenizer, formatted_prompts: list[str], max_new_tokens: int
         tokens: dict[int, list[int]] = {i: [] for i in batch_indices}
         for step in range(max_new_tokens):
             generated += len(active) if decoder is None else len(batch_indices)
-            keep = []
             # one device-to-host copy per step, not one per row (each would be a GPU sync)
             step_tokens = next_tokens.tolist()
             if decoder is not None and step > 0:
                 step_tokens = [step_tokens[row] for row in rows]
-            open_texts = []  # each kept row's answer so far, decoded once per step
-            for position, (index, token) in enumerate(zip(active, step_tokens)):
-                if token in eos_ids:
-                    continue
-                tokens[index].append(token)
-                text = tokenizer.decode(tokens[index], skip_special_tokens=True) if decided or verdicts_at else ""
-                if decided is not None and decided(text):
-                    continue
-                keep.append(position)
-                open_texts.append(text)
-            if verdicts_at is not None and keep:
-                verdicts = verdicts_at(open_texts, step + 1)
-                if verdicts is not None:
-                    keep = [p for p, verdict in zip(keep, verdicts) if verdict is None]
+            keep = _still_open(tokenizer, active, step_tokens, tokens, eos_ids, decided, verdicts_at, step + 1)
             if not keep or step == max_new_tokens - 1:
                 break
             if decoder is not None:
