@@ -4,7 +4,7 @@ The Python API is the objects the CLI composes: a `Workbench` (one loaded model,
 baselines) with the stages' data types. The README's "Python API" section walks through it.
 """
 
-__version__ = "0.1.0"
+from abliterate.version import __version__  # noqa: F401
 
 from abliterate.core.arch import adapter_for  # noqa: E402
 from abliterate.core.judges import get_judge  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from abliterate import __version__
+from abliterate.version import __version__
 from abliterate.core.judges import get_judge
 from abliterate.core.load import LoadedModel, load_model
 from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from abliterate import __version__
+from abliterate.version import __version__
 from abliterate.measure.ablation import AblationParams
 from abliterate.core.settings import RunSettings
 from abliterate.measure.directions import Directions

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from abliterate import __version__
+from abliterate.version import __version__
 from abliterate.core.settings import toml_value
 from abliterate.errors import UserError
 

@@ -534,7 +534,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     """The ASGI app serving `model` under `model_name`. `api_key`: every request but GET / must carry it."""
-    from abliterate import __version__
+    from abliterate.version import __version__
 
     engine = _Engine(model, tokenizer, max_queue)
     app = FastAPI(title="abliterate", docs_url=None, redoc_url=None, openapi_url=None)
