@@ -8,19 +8,38 @@ from pathlib import Path
 
 import click
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from abliterate.choose import compare as comparing
+from abliterate.choose import verify as verifying
 from abliterate.choose.catalog import estimate, parse_memory, read_model_config, select
+from abliterate.choose.evaluation import evaluate_model, read_prompt_sets
+from abliterate.choose.report import run_report, write_html
 from abliterate.cli.options import (DEFAULT_MODEL, ablation_options, ablation_params, comma_list, model_options,
                                     prompt_options, schema_options)
 from abliterate.cli import serving, tables
 from abliterate.cli.tables import status
+from abliterate.cli.progress import RunDisplay
 from abliterate.core.judges import get_judge, labelled_set_scores
 from abliterate.core.load import load_model
+from abliterate.core.rundir import stored_settings
 from abliterate.core.settings import (APPLY_DTYPE, CHAT_MAX_NEW_TOKENS, DIRECTIONS_BATCH_SIZE, CompareSettings,
                                       MeasureSettings, RunSettings, VerifySettings, default_toml, load_settings,
                                       settings_from_options)
 from abliterate.errors import UserError
 from abliterate.measure.directions import Directions
 from abliterate.measure.inference import inference_ablation
+from abliterate.measure.prompt_directions import directions_from_prompts
+from abliterate.search.run import check_exports, run, ship
+from abliterate.search.study import check_pick_rule
+from abliterate.ship import publish
+from abliterate.ship.apply import apply_to_gguf, apply_to_hf
+from abliterate.ship.export import check_output_dir
+from abliterate.ship.gguf_check import check_gguf
+from abliterate.ship.gguf_export import check_quant, convert
+from abliterate.ship.ollama import export_ollama
+from abliterate.use.chat import Conversation, chat_loop, read_terminal_line, write_terminal
 
 
 class _Group(click.Group):
@@ -44,8 +63,6 @@ def _load(model, revision, dtype, device_map, trust_remote_code):
 
 
 def _progress_bar(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
@@ -82,9 +99,6 @@ def main():
 def directions(model, revision, dtype, device_map, trust_remote_code, harmful, harmless, column, split, system_prompt,
                output, limit, projected, winsorize, refused_only, formats, batch_size):
     """Measure per-layer refusal directions from harmful vs harmless prompts."""
-    from abliterate.choose.evaluation import read_prompt_sets
-    from abliterate.measure.prompt_directions import directions_from_prompts
-
     output_path = Path(output)
     if not output_path.parent.exists():
         raise UserError(f"directory {output_path.parent} does not exist; create it or choose another -o")
@@ -111,9 +125,6 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
 def apply(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
           norm_preserving, output):
     """Bake an ablation into the weights and save a complete HF model."""
-    from abliterate.ship.apply import apply_to_gguf, apply_to_hf
-    from abliterate.ship.export import check_output_dir
-
     gguf_out = output.lower().endswith(".gguf")
     if gguf_out:
         if not model.lower().endswith(".gguf"):
@@ -144,10 +155,6 @@ def _default_run_output(name: str | None, model: str) -> str:
 
 def _run_settings(model, output, config_file, resume, export_targets, flags) -> tuple[RunSettings, str]:
     """The run's settings from every source, and its output directory."""
-    from abliterate.core.rundir import stored_settings
-    from abliterate.search.run import check_exports
-    from abliterate.search.study import check_pick_rule
-
     flags["trust_remote_code"] = flags["trust_remote_code"] or None  # unset unless given: env/TOML may set it
     given = {key: value for key, value in {"model": model, "export": comma_list(export_targets), **flags}.items()
              if value is not None}
@@ -175,9 +182,6 @@ def _run_settings(model, output, config_file, resume, export_targets, flags) -> 
 @click.option("--print-config", is_flag=True, help="Print every setting with its default (config.default.toml) and exit.")
 def run_command(model, output, config_file, print_config, export_targets, resume, **flags):
     """Search for the best ablation of MODEL (default: the bundled tiny model) and save it, measured."""
-    from abliterate.cli.progress import RunDisplay
-    from abliterate.search.run import run, ship  # optuna and transformers: loaded when a run starts
-
     if print_config:
         click.echo(default_toml(), nl=False)
         return
@@ -199,8 +203,6 @@ def run_command(model, output, config_file, print_config, export_targets, resume
 
 def _upload(output: str, repo: str) -> None:
     """The upload the interactive choice asked for, after the model is saved."""
-    from abliterate.ship import publish
-
     try:
         url, _ = publish.push(output, repo, status=_stderr)
     except UserError as error:
@@ -223,8 +225,6 @@ def _upload(output: str, repo: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def eval_command(base, harmful, harmless, column, split, limit, perplexity_file, as_json, **measuring):
     """Measure refusals (held-out split by default) and KL against the base model."""
-    from abliterate.choose.evaluation import evaluate_model
-
     settings = settings_from_options(MeasureSettings, **measuring)
     metrics = evaluate_model(settings, base=base, harmful=harmful, harmless=harmless, column=column, split=split,
                              limit=limit, perplexity_file=perplexity_file, status=status)
@@ -270,8 +270,6 @@ def _inference_setup(directions_file, layer, weight, params_file, components, no
 def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
          norm_preserving, system_prompt, max_new_tokens, temperature):
     """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
-    from abliterate.use.chat import Conversation, chat_loop, read_terminal_line, write_terminal
-
     if max_new_tokens <= 0 or temperature < 0:
         raise UserError("--max-new-tokens must be positive and --temperature not negative")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
@@ -338,8 +336,6 @@ def push(out_dir, repo_id, private, dry_run):
     """Publish OUT_DIR (a saved model) to the Hugging Face Hub in one commit: weights, card, record, reproduce/.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere."""
-    from abliterate.ship import publish
-
     publish.check_repo_id(repo_id)
     if dry_run:
         tables.print_upload_plan(publish.plan_upload(out_dir, repo_id), repo_id, private)
@@ -367,8 +363,6 @@ def export():
 @click.option("--no-create", is_flag=True, help="Only write the Modelfile and print the `ollama create` command.")
 def export_ollama_command(model_or_gguf, name, template_file, system, out_dir, no_create):
     """Write an Ollama Modelfile for MODEL_OR_GGUF (a .gguf) and import it with `ollama create` when ollama is on PATH."""
-    from abliterate.ship.ollama import export_ollama
-
     result = export_ollama(model_or_gguf, name, template_file=template_file, system=system, out_dir=out_dir,
                            create=not no_create)
     tables.print_ollama_export(result, name, system)
@@ -386,9 +380,6 @@ def export_ollama_command(model_or_gguf, name, template_file, system, out_dir, n
 @click.option("--verify-tokens", type=int, default=16, show_default=True)
 def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify_tokens):
     """Convert a saved HF model (e.g. an `abliterate run` output) to GGUF, quantise it, and check it in llama.cpp."""
-    from abliterate.ship.gguf_check import check_gguf
-    from abliterate.ship.gguf_export import check_quant, convert
-
     quant = check_quant(quant)
     source = Path(model_dir)
     if not source.is_dir():
@@ -493,8 +484,6 @@ def compare():
 @click.option("--json", "as_json", is_flag=True, help="Print the results (without answers) as one JSON object on stdout.")
 def compare_models(models, base, output, as_json, **options):
     """Compare MODEL_A MODEL_B ... (see `abliterate compare --help`)."""
-    from abliterate.choose import compare as comparing
-
     options["lm_eval_tasks"] = comma_list(options["lm_eval_tasks"]) or []
     settings = comparing.CompareSettings(**options)
     settings.check()
@@ -523,12 +512,10 @@ def compare_reveal(sheet, ratings, key_file, as_json):
 
     RATINGS: the sheet's ratings.csv filled in (prompt_id, letter, rating), or JSON ([{prompt_id, letter, rating}] or
     {prompt_id: {letter: rating}}). Blank ratings are skipped."""
-    from abliterate.choose.compare import read_key, read_ratings, reveal
-
-    key, warnings = read_key(sheet, key_file)
+    key, warnings = comparing.read_key(sheet, key_file)
     for warning in warnings:
         _stderr(f"warning: {warning}")
-    result = reveal(key, read_ratings(ratings), str(ratings))
+    result = comparing.reveal(key, comparing.read_ratings(ratings), str(ratings))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -548,8 +535,6 @@ def verify(model, base, as_json, **options):
     intact, benign answers close to the base (KL). Exit 0: all pass; 1: a check fails; 2: bad input.
 
     MODEL: a saved directory, a .gguf, a hub id, or BASE::DIRECTIONS::PARAMS (an ablation applied in memory)."""
-    from abliterate.choose import verify as verifying
-
     result = verifying.verify(model, base, verifying.VerifySettings(**options), status=_stderr)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -564,8 +549,6 @@ def verify(model, base, as_json, **options):
 def report(run_dir, output):
     """Render a finished or running `abliterate run` directory as an offline HTML report: Pareto front, trials over
     time, parameter importance, per-layer direction strength, the chosen trial's layer weights."""
-    from abliterate.choose.report import run_report, write_html
-
     target = Path(output) if output else Path(run_dir) / "report.html"
     if output and not target.parent.exists():
         raise UserError(f"directory {target.parent} does not exist; create it or choose another -o")

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from abliterate.core.arch import COMPONENT_KINDS
 from abliterate.core.settings import ModelSettings, toml_value
+from abliterate.measure.ablation import AblationParams
 from abliterate.errors import UserError
 
 DEFAULT_MODEL = ModelSettings.model_fields["model"].default
@@ -98,8 +99,6 @@ def ablation_options(function):
 
 def ablation_params(layer, weight, params_file, components, norm_preserving):
     """The AblationParams the ablation options ask for."""
-    from abliterate.measure.ablation import AblationParams  # imports torch: loaded when a command needs it
-
     if (layer is None) == (params_file is None):
         raise UserError("give exactly one of --layer L (one direction everywhere) or --params FILE.json")
     if params_file:
