@@ -25,12 +25,12 @@ from abliterate.core.judges import get_judge, labelled_set_scores
 from abliterate.core.load import load_model
 from abliterate.core.rundir import stored_settings
 from abliterate.core.settings import (APPLY_DTYPE, CHAT_MAX_NEW_TOKENS, DIRECTIONS_BATCH_SIZE, CompareSettings,
-                                      MeasureSettings, RunSettings, VerifySettings, default_toml, load_settings,
+                                      MeasureSettings, PromptSettings, RunSettings, VerifySettings, default_toml, load_settings,
                                       settings_from_options)
 from abliterate.errors import UserError
 from abliterate.measure.directions import Directions
 from abliterate.measure.inference import inference_ablation
-from abliterate.measure.prompt_directions import directions_from_prompts
+from abliterate.measure.prompt_directions import FILTER_NEW_TOKENS, directions_from_prompts
 from abliterate.search.run import check_exports, run, ship
 from abliterate.search.study import check_pick_rule
 from abliterate.ship import publish
@@ -86,13 +86,13 @@ def main():
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the directions (.safetensors).")
 @click.option("--limit", type=int, default=None, help="Use at most this many prompts of each set.")
-@click.option("--projected/--no-projected", default=True, show_default=True,
+@click.option("--projected/--no-projected", default=RunSettings.model_fields["projected"].default, show_default=True,
               help="Remove each direction's component along the harmless mean (as `run` does by default).")
 @click.option("--winsorize", type=float, default=None,
               help="Clamp each residual at this quantile of |h| before averaging (`run` uses 0.99; default: no clamping).")
 @click.option("--refused-only", is_flag=True,
-              help="Only the harmful prompts the model refuses (judged at 32 new tokens; as `run` does by default; all "
-                   "of them when it refuses fewer than 8).")
+              help=f"Only the harmful prompts the model refuses (judged at {FILTER_NEW_TOKENS} new tokens; as `run` does by "
+                   "default; all of them when it refuses fewer than 8).")
 @click.option("--format", "formats", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True,
               help="'pt' also writes a plain [layers, hidden] tensor .pt beside the safetensors.")
 @click.option("--batch-size", type=int, default=DIRECTIONS_BATCH_SIZE, show_default=True)
@@ -214,9 +214,7 @@ def _upload(output: str, repo: str) -> None:
 @model_options
 @click.option("--base", default=None,
               help="Base model for KL. Default: the base_model recorded in MODEL/abliteration.json, if any.")
-@click.option("--harmful", default="harmful", show_default=True, help="Harmful prompts (bundled set, file or dataset id).")
-@click.option("--harmless", default="harmless", show_default=True, help="Benign prompts for KL.")
-@click.option("--column", default=None, help="Column holding the prompts (jsonl/csv/parquet/datasets).")
+@schema_options(PromptSettings, "harmful", "harmless", "column")
 @click.option("--split", default=None, help="train/tune/eval (default: eval for the bundled sets, every prompt of a file).")
 @click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
 @schema_options(MeasureSettings, "max_new_tokens", "kl_tokens", "judge", "system_prompt")

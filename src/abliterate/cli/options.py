@@ -10,7 +10,7 @@ import click
 from pydantic import BaseModel
 
 from abliterate.core.arch import COMPONENT_KINDS
-from abliterate.core.settings import ModelSettings, toml_value
+from abliterate.core.settings import MeasureSettings, ModelSettings, PromptSettings, toml_value
 from abliterate.measure.ablation import AblationParams
 from abliterate.errors import UserError
 
@@ -66,19 +66,11 @@ def model_options(function=None, *, defaults: dict | None = None):
 
 
 def prompt_options(function):
-    decorators = [
-        click.option("--harmful", default="harmful", show_default=True,
-                     help="Harmful prompts: bundled set name, .txt/.jsonl/.csv/.parquet file, or dataset id."),
-        click.option("--harmless", default="harmless", show_default=True, help="Harmless prompts, same forms."),
-        click.option("--column", default=None, help="Column holding the prompts (jsonl/csv/parquet/datasets)."),
-        click.option("--split", default=None,
-                     help="Split: train/tune/eval for the bundled sets (default train), or a dataset split."),
-        click.option("--system-prompt", default=None,
-                     help="System prompt for the chat template ('' for none). Default: 'You are a helpful assistant.'"),
-    ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+    """The prompt sets, their split and the system prompt of `directions`."""
+    function = schema_options(MeasureSettings, "system_prompt")(function)
+    function = click.option("--split", default=None, help="Split: train/tune/eval for the bundled sets (default train), "
+                            "or a dataset split.")(function)
+    return schema_options(PromptSettings, "harmful", "harmless", "column")(function)
 
 
 def ablation_options(function):

