@@ -14,6 +14,7 @@ import math
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from abliterate.errors import UserError
 
@@ -354,12 +355,17 @@ def _chosen_trial(study, record: dict | None, pick_rule: str, total: int):
 
 def run_report(run_dir: str | Path) -> str:
     """The HTML report of a finished or running `abliterate run` directory."""
-    from abliterate.measure.ablation import AblationParams
-    from abliterate.measure.directions import Directions
-    from abliterate.core.rundir import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
-    from abliterate.search.study import finished_trials, pareto_front, quality_band
+    run = _load_run(Path(run_dir))
+    blocks = (_run_section(run) + _saved_model_section(run) + _front_section(run) + _time_section(run)
+              + _importance_section(run) + _directions_section(run))
+    return page(f"abliterate run report: {run.dir.resolve().name}", run.subtitle, blocks)
 
-    run_dir = Path(run_dir)
+
+def _load_run(run_dir: Path) -> SimpleNamespace:
+    """Everything the report's sections read: the study, its trials, the saved record and the chosen trial."""
+    from abliterate.core.rundir import RECORD_FILE, RUN_FILE, STUDY_FILE
+    from abliterate.search.study import finished_trials, pareto_front
+
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; give the output directory of `abliterate run`")
     journal = run_dir / STUDY_FILE
@@ -372,8 +378,6 @@ def run_report(run_dir: str | Path) -> str:
     total = int(study.user_attrs.get("tune_prompts") or identity.get("tune_prompts") or 0)
     trials = study.get_trials(deepcopy=False)
     done = finished_trials(study)
-    front = pareto_front(study)
-    front_numbers = {t.number for t in front}
     settings = (record or {}).get("settings", {})
     chosen, chosen_text = _chosen_trial(study, record, settings.get("pick", "auto"), total)
     states = {}
@@ -382,85 +386,105 @@ def run_report(run_dir: str | Path) -> str:
     status = "finished and saved" if record else "running or not saved yet"
     subtitle = (f"{identity.get('model', (record or {}).get('base_model', 'model'))}: {len(done)} finished trials "
                 f"({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); {status}; made {time.strftime('%Y-%m-%d %H:%M')}")
-    blocks = []
+    return SimpleNamespace(dir=run_dir, record=record, study=study, identity=identity, total=total, done=done,
+                           front=pareto_front(study), chosen=chosen, chosen_text=chosen_text, subtitle=subtitle)
 
-    facts = {"run directory": str(run_dir)}
+
+def _run_section(run: SimpleNamespace) -> list[str]:
+    facts = {"run directory": str(run.dir)}
     for key in ("model", "harmful", "harmless", "tune_prompts", "eval_prompts", "max_new_tokens", "kl_tokens", "judge", "dtype"):
-        if key in identity:
-            facts[key] = str(identity[key])
-    if chosen_text:
-        facts["chosen"] = chosen_text
-    blocks += [heading("Run"), definitions(facts)]
+        if key in run.identity:
+            facts[key] = str(run.identity[key])
+    if run.chosen_text:
+        facts["chosen"] = run.chosen_text
+    return [heading("Run"), definitions(facts)]
 
-    if record and "metrics" in record:
-        rows = []
-        for split, label in (("tune", "tune (optimised on)"), ("eval", "eval (held out)")):
-            base, ablated = record["metrics"]["base"].get(split), record["metrics"]["abliterated"].get(split)
-            if base and ablated:
-                rows.append([label, f"{base['refusals']}/{base['total']}", f"{ablated['refusals']}/{ablated['total']}",
-                             _fmt(ablated.get("kl")), _fmt(ablated.get("kl_multi_token")),
-                             quality_band(ablated["refusals"] / max(ablated["total"], 1), ablated.get("kl") or 0.0)])
-        blocks += [heading("Saved model"),
-                   table(["split", "base refusals", "refusals", "KL", "multi-token KL", "rating"], rows)]
 
-    blocks.append(heading("Pareto front"))
-    if front:
-        rows = [[t.number, f"{int(t.values[0])}/{total}" if total else int(t.values[0]), f"{t.values[1]:.3f}",
-                 quality_band(t.values[0] / max(total, 1), t.values[1])] for t in front]
-        marked = {i for i, t in enumerate(front) if chosen is not None and t.number == chosen.number}
-        blocks.append(table(["trial", "refusals", "KL", "rating"], rows, marked))
-        points = [{"label": t.number, "kl": t.values[1], "refusals": t.values[0], "front": t.number in front_numbers,
-                   "muted": bool(t.user_attrs.get("cut_short")), "marked": chosen is not None and t.number == chosen.number}
-                  for t in done]
-        blocks.append(figure(plot_refusals_vs_kl(points, TITLE_FRONT, f"refusals (of {total} tune prompts)" if total else "refusals",
-                                                 counts=True),
-                             "Every finished trial: measured trials in blue, trials cut short by their KL in grey (their "
-                             "refusals are the pessimistic placeholder). The red steps join the Pareto front; the star is the "
-                             "chosen trial."))
-    else:
-        blocks.append(note("no trial has finished with a full measurement yet; the front appears once one has"))
+def _saved_model_section(run: SimpleNamespace) -> list[str]:
+    from abliterate.search.study import quality_band
 
+    record = run.record
+    if not (record and "metrics" in record):
+        return []
+    rows = []
+    for split, label in (("tune", "tune (optimised on)"), ("eval", "eval (held out)")):
+        base, ablated = record["metrics"]["base"].get(split), record["metrics"]["abliterated"].get(split)
+        if base and ablated:
+            rows.append([label, f"{base['refusals']}/{base['total']}", f"{ablated['refusals']}/{ablated['total']}",
+                         _fmt(ablated.get("kl")), _fmt(ablated.get("kl_multi_token")),
+                         quality_band(ablated["refusals"] / max(ablated["total"], 1), ablated.get("kl") or 0.0)])
+    return [heading("Saved model"), table(["split", "base refusals", "refusals", "KL", "multi-token KL", "rating"], rows)]
+
+
+def _front_section(run: SimpleNamespace) -> list[str]:
+    from abliterate.search.study import quality_band
+
+    front, chosen, total = run.front, run.chosen, run.total
+    if not front:
+        return [heading("Pareto front"), note("no trial has finished with a full measurement yet; the front appears once one has")]
+    front_numbers = {t.number for t in front}
+    rows = [[t.number, f"{int(t.values[0])}/{total}" if total else int(t.values[0]), f"{t.values[1]:.3f}",
+             quality_band(t.values[0] / max(total, 1), t.values[1])] for t in front]
+    marked = {i for i, t in enumerate(front) if chosen is not None and t.number == chosen.number}
+    points = [{"label": t.number, "kl": t.values[1], "refusals": t.values[0], "front": t.number in front_numbers,
+               "muted": bool(t.user_attrs.get("cut_short")), "marked": chosen is not None and t.number == chosen.number}
+              for t in run.done]
+    plot = plot_refusals_vs_kl(points, TITLE_FRONT, f"refusals (of {total} tune prompts)" if total else "refusals", counts=True)
+    return [heading("Pareto front"), table(["trial", "refusals", "KL", "rating"], rows, marked),
+            figure(plot, "Every finished trial: measured trials in blue, trials cut short by their KL in grey (their "
+                         "refusals are the pessimistic placeholder). The red steps join the Pareto front; the star is the "
+                         "chosen trial.")]
+
+
+def _time_section(run: SimpleNamespace) -> list[str]:
+    done = run.done
     start = min((t.datetime_start for t in done if t.datetime_start), default=None)
-    if start is not None:
-        rows = [{"number": t.number, "minutes": ((t.datetime_complete or t.datetime_start or start) - start).total_seconds() / 60,
-                 "refusals": t.values[0], "kl": t.values[1], "cut_short": bool(t.user_attrs.get("cut_short"))} for t in done]
-        blocks += [heading("Trials over time"),
-                   figure(plot_trials_over_time(rows, total, TITLE_TIME),
-                          "Refusals and KL of each trial by the time it finished, with the best value so far.")]
+    if start is None:
+        return []
+    rows = [{"number": t.number, "minutes": ((t.datetime_complete or t.datetime_start or start) - start).total_seconds() / 60,
+             "refusals": t.values[0], "kl": t.values[1], "cut_short": bool(t.user_attrs.get("cut_short"))} for t in done]
+    return [heading("Trials over time"),
+            figure(plot_trials_over_time(rows, run.total, TITLE_TIME),
+                   "Refusals and KL of each trial by the time it finished, with the best value so far.")]
 
-    blocks.append(heading("Parameter importance"))
-    importances, why_not = parameter_importances(study)
-    if importances:
-        blocks.append(figure(plot_importance(importances, TITLE_IMPORTANCE),
-                             "fANOVA importance (optuna.importance, seed 0) of each sampled parameter for each objective: "
-                             "how much of the objective's variance over the trials it explains. Few trials make it noisy."))
-    else:
-        blocks.append(note(why_not))
 
-    directions = None
-    if (run_dir / DIRECTIONS_FILE).is_file():
-        directions = Directions.load(run_dir / DIRECTIONS_FILE)
+def _importance_section(run: SimpleNamespace) -> list[str]:
+    importances, why_not = parameter_importances(run.study)
+    if not importances:
+        return [heading("Parameter importance"), note(why_not)]
+    return [heading("Parameter importance"),
+            figure(plot_importance(importances, TITLE_IMPORTANCE),
+                   "fANOVA importance (optuna.importance, seed 0) of each sampled parameter for each objective: "
+                   "how much of the objective's variance over the trials it explains. Few trials make it noisy.")]
+
+
+def _directions_section(run: SimpleNamespace) -> list[str]:
+    from abliterate.core.rundir import DIRECTIONS_FILE
+    from abliterate.measure.ablation import AblationParams
+    from abliterate.measure.directions import Directions
+
+    chosen = run.chosen
+    blocks = [heading("Refusal direction and the chosen ablation")]
+    if not (run.dir / DIRECTIONS_FILE).is_file():
+        return blocks + [note(f"no {DIRECTIONS_FILE} yet: the search has not measured its directions")]
+    directions = Directions.load(run.dir / DIRECTIONS_FILE)
     params = AblationParams.from_dict(chosen.user_attrs["params"]) if chosen is not None and "params" in chosen.user_attrs else None
-    blocks.append(heading("Refusal direction and the chosen ablation"))
-    if directions is None:
-        blocks.append(note(f"no {DIRECTIONS_FILE} yet: the search has not measured its directions"))
-    else:
-        marks = {}
-        if params is not None:
-            for kind, component in params.components.items():
-                if component.direction_index is not None:
-                    marks[f"{kind} direction"] = component.direction_index
-        plot = strength_plot_from(directions, TITLE_STRENGTH, marks)
-        if plot:
-            count = directions.metadata.get("harmful_count")
-            blocks.append(figure(plot, "‖mean harmful − mean harmless‖ of the last-token residual after each layer"
-                                 + (f" ({count} + {directions.metadata.get('harmless_count')} train prompts)" if count else "")
-                                 + "; the line divides it by the harmless mean's norm. Dotted: the direction the chosen trial uses."))
-        if params is not None:
-            blocks.append(figure(plot_layer_weights({chosen_text.split(" (")[0]: kernel_curves(params, directions.n_layers)},
-                                                    TITLE_WEIGHTS),
-                                 "Ablation weight per layer for each component (0: not edited), from the trial's kernel."))
-    return page(f"abliterate run report: {run_dir.resolve().name}", subtitle, blocks)
+    marks = {}
+    if params is not None:
+        for kind, component in params.components.items():
+            if component.direction_index is not None:
+                marks[f"{kind} direction"] = component.direction_index
+    plot = strength_plot_from(directions, TITLE_STRENGTH, marks)
+    if plot:
+        count = directions.metadata.get("harmful_count")
+        blocks.append(figure(plot, "‖mean harmful − mean harmless‖ of the last-token residual after each layer"
+                             + (f" ({count} + {directions.metadata.get('harmless_count')} train prompts)" if count else "")
+                             + "; the line divides it by the harmless mean's norm. Dotted: the direction the chosen trial uses."))
+    if params is not None:
+        blocks.append(figure(plot_layer_weights({run.chosen_text.split(" (")[0]: kernel_curves(params, directions.n_layers)},
+                                                TITLE_WEIGHTS),
+                             "Ablation weight per layer for each component (0: not edited), from the trial's kernel."))
+    return blocks
 
 
 def _read_json(path: Path) -> dict | None:
