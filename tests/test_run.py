@@ -353,7 +353,7 @@ def test_a_run_resumes_whatever_warm_start_it_began_with(tmp_path):
     out = tmp_path / "old-run"
     out.mkdir()
     identity = _identity(load_settings())
-    identity["space"] = identity["space"] | {"warm_start": [0.8, 0.9, 1.0]}  # as runs stored it before session 13
+    identity["space"] = identity["space"] | {"warm_start": [0.8, 0.9, 1.0]}  # as older runs stored it
     (out / RUN_FILE).write_text(json.dumps({"identity": identity}))
     assert "warm_start" not in _identity(load_settings())["space"]
     prepare_output(out, load_settings())  # resumes

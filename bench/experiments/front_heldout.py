@@ -3,7 +3,7 @@ eval split as a trial is measured (its ablation applied by hooks, no bake): refu
 first-token KL on its benign prompts (at most 100). Marks the trial `--pick auto` saves and the one with the fewest
 tune refusals, which `auto` saved before it became the one-standard-error rule (src/abliterate/pick.py).
 
-    python bench/front_heldout.py RUN_DIR [--trials 0,48,43] [--prompts 154]
+    python bench/experiments/front_heldout.py RUN_DIR [--trials 0,48,43] [--prompts 154]
 
 Default trials: the whole Pareto front. The model, dtype, judge, system prompt and new-token budget are the run's
 own (RUN_DIR/run.json), the directions its directions.safetensors.
