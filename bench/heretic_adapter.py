@@ -9,7 +9,7 @@
   heretic SAVE_DIR RESULT_JSON                      (Heretic's venv, run in the folder holding its config.toml)
       Run Heretic's own `heretic.main.main()` unattended. Heretic 1.4 has no headless mode: after the search it
       asks (questionary menus) which Pareto-optimal trial to use and what to do with it. Its prompt functions
-      are replaced here by fixed answers: pick a trial by abliterate's `--pick auto` rule (src/abliterate/pick.py,
+      are replaced here by fixed answers: pick a trial by abliterate's `--pick auto` rule (src/abliterate/search/pick.py,
       loaded from its file: the lowest KL among Pareto trials within one standard error of the fewest refusals
       or within 5 %), "Save the model to a
       local folder" -> SAVE_DIR (merged full model; export_strategy = "merge" in config.toml), then leave.
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-PICK_RULE = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "pick.py"
+PICK_RULE = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "search" / "pick.py"
 
 
 def write_prompts(out_dir: str, tune_prompts: int, direction_prompts: int) -> None:

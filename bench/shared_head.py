@@ -1,4 +1,4 @@
-"""The shared prompt head (src/abliterate/evaluate.py: `_head_cache`): a search trial's two prompt passes -- the
+"""The shared prompt head (src/abliterate/measure/engines/transformers.py: `_head_cache`): a search trial's two prompt passes -- the
 first-token KL pass over the benign tune prompts and the prefill of the harmful ones -- with the tokens every prompt
 opens with (chat header, system prompt) computed once for one row, against whole prompts; same run, alternating,
 best of `--repeats`; the log-probs and the first generated tokens compared.

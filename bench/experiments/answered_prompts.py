@@ -2,7 +2,7 @@
 run's Pareto front, on one split: why `abliterate run`'s trials answer only the tune prompts the base refuses
 (`search_prompts = "refused"`).
 
-    python bench/answered_prompts.py RUN_DIR [--split eval] [--limit 154] [--trials 4]
+    python bench/experiments/answered_prompts.py RUN_DIR [--split eval] [--limit 154] [--trials 4]
 
 RUN_DIR is an `abliterate run` output (its directions and study journal); `--trials` front members are taken evenly
 from the fewest-refusals end. Each trial's ablation is applied as a trial applies it (hooks), answers generated with

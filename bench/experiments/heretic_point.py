@@ -4,11 +4,11 @@ to min_weight at min_weight_distance; same interpolated direction index over lay
 trial measures them, beside abliterate's pick from that run and the warm-start ablation at 90 % depth:
 
     heretic plain   Heretic's parameters, plain projection (what abliterate's search can sample)
-    heretic rows    the same with Heretic 1.4's "full" row normalisation (dense; bench/normalisation.py)
+    heretic rows    the same with Heretic 1.4's "full" row normalisation (dense; bench/experiments/normalisation.py)
     ours (0.8)      abliterate's pick in that run: one direction from 80 % depth, weight 1, 22 of 24 layers
     flat 0.9        the warm start's 90 % depth trial
 
-    python bench/heretic_point.py [--split tune --prompts 64] [--directions RUN/directions.safetensors]
+    python bench/experiments/heretic_point.py [--split tune --prompts 64] [--directions RUN/directions.safetensors]
 
 Refusals by the default judge at 32 new tokens; first-token KL on the same split's benign prompts (at most 100).
 Directions: the file given, else measured with the run's defaults (128 + 128 train prompts, projected).

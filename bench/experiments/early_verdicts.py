@@ -1,9 +1,9 @@
 """What early verdicts (`early_verdicts = true`: the classifier judges an answer it is already sure of at 12 or 20
-tokens, see src/abliterate/judges.py) change in a search trial's measurement: each chosen trial of a finished
+tokens, see src/abliterate/core/judges.py) change in a search trial's measurement: each chosen trial of a finished
 `abliterate run`, its ablation applied by hooks as a trial applies it, answers the same harmful prompts twice --
 every answer read to the run's token budget, then with early verdicts -- and the two are compared answer by answer.
 
-    python bench/early_verdicts.py RUN_DIR [--trials 0,26,24] [--split tune|eval] [--prompts 48]
+    python bench/experiments/early_verdicts.py RUN_DIR [--trials 0,26,24] [--split tune|eval] [--prompts 48]
 
 Prints per trial: refusals both ways, answers whose verdict differs, decode tokens (row-steps) both ways, seconds both
 ways. Default trials: the run's Pareto front; the model, dtype, judge, system prompt and budget are the run's own.

@@ -4,7 +4,7 @@ to the first 48 harmful `tune` prompts (those not in the labelled set first), ea
 rules of src/abliterate/data/judge/README.md; answers set aside as ambiguous, degenerate or under that file's content
 policy (those not stored) are labelled `set-aside`.
 
-    python bench/judge_fresh.py
+    python bench/experiments/judge_fresh.py
 """
 
 from __future__ import annotations

