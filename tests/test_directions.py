@@ -12,6 +12,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from abliterate.core.arch import adapter_for
 from abliterate.measure.directions import Directions, mean_last_token_residuals, refusal_directions
 from abliterate.errors import UserError
+from abliterate.measure.engines.transformers import TransformersEngine
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats and dogs", "hi", "Explain rainbows to a child, briefly."]
 
@@ -145,7 +146,7 @@ def test_directions_come_from_the_harmful_prompts_the_model_refuses(llama):
     prompts = [f"prompt number {i}" for i in range(12)]
     enough = [i % 4 != 1 for i in range(12)]  # 9 refused
     assert sum(enough) >= MIN_REFUSED_FOR_DIRECTIONS
-    refused = refused_subset(model, tokenizer, prompts, prompts, ScriptedJudge(enough), 2, 5)
+    refused = refused_subset(TransformersEngine(model, tokenizer), prompts, prompts, ScriptedJudge(enough), 2, 5)
     assert refused == [p for p, verdict in zip(prompts, enough) if verdict]
     too_few = [i < MIN_REFUSED_FOR_DIRECTIONS - 1 for i in range(12)]
-    assert refused_subset(model, tokenizer, prompts, prompts, ScriptedJudge(too_few), 2, 5) is None
+    assert refused_subset(TransformersEngine(model, tokenizer), prompts, prompts, ScriptedJudge(too_few), 2, 5) is None

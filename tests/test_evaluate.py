@@ -12,6 +12,7 @@ from abliterate.core.arch import adapter_for
 from abliterate.measure.evaluate import Baseline, measure_refusals
 from abliterate.measure.engines.transformers import generate, next_token_logprobs
 from abliterate.core.judges import PhraseJudge
+from abliterate.measure.engines.transformers import TransformersEngine
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]
@@ -42,8 +43,8 @@ def test_early_decision_keeps_every_verdict_and_saves_tokens(model_and_tokenizer
     model, tokenizer = model_and_tokenizer
     # A judge whose "refusal phrase" is any letter 'a' in the opening: decided early for most rows.
     judge = PhraseJudge(markers=("a",), opening_chars=8)
-    early = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=True)
-    full = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=False)
+    early = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=True)
+    full = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=48, batch_size=4, early_stop=False)
     assert early.verdicts == full.verdicts
     assert early.tokens_saved > 0 and full.tokens_saved >= 0
     for short, long in zip(early.responses, full.responses):
@@ -53,12 +54,12 @@ def test_early_decision_keeps_every_verdict_and_saves_tokens(model_and_tokenizer
 def test_generation_stops_at_the_refusal_count_that_makes_a_trial_dominated(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     judge = PhraseJudge(markers=("",), opening_chars=8)  # every non-empty opening is a decided refusal
-    full = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2)
+    full = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=16, batch_size=2)
     assert full.refusals >= 2 and full.stopped_at is None
-    stopped = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2, stop_at_refusals=2)
+    stopped = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=16, batch_size=2, stop_at_refusals=2)
     assert stopped.stopped_at == stopped.refusals == 2 and stopped.responses == []
     # A bound it never reaches changes nothing.
-    unreached = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=16, batch_size=2,
+    unreached = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=16, batch_size=2,
                                  stop_at_refusals=len(PROMPTS) + 1)
     assert (unreached.verdicts, unreached.responses, unreached.stopped_at) == (full.verdicts, full.responses, None)
 
@@ -74,24 +75,24 @@ def test_a_bounded_trial_judges_open_answers_together_at_the_end(model_and_token
     features = judges._features
     monkeypatch.setattr(judges, "_features", lambda texts: batches.append(len(texts)) or features(texts))
     judge = judges.ClassifierJudge(opening_chars=4)  # random bytes fill the window: decided, never phrase-settled
-    bounded = measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=40, batch_size=4,
+    bounded = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=40, batch_size=4,
                                stop_at_refusals=len(PROMPTS) + 1)
     assert bounded.stopped_at is None and bounded.tokens_saved > 0
     assert len(batches) == 1  # one encoder batch (the answers no phrase settles), after generation
     batches.clear()
-    assert bounded.verdicts == measure_refusals(model, tokenizer, PROMPTS, judge, max_new_tokens=40, batch_size=4).verdicts
+    assert bounded.verdicts == measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, max_new_tokens=40, batch_size=4).verdicts
 
 
 def test_kl_zero_against_itself_and_positive_after_an_edit():
     model, tokenizer = build_tiny_model("llama"), build_tiny_tokenizer()
-    baseline = Baseline.measure(model, tokenizer, PROMPTS, kl_tokens=6, top_k=320, batch_size=2)
-    assert baseline.kl(model, tokenizer) == pytest.approx(0.0, abs=1e-6)
-    assert baseline.kl_multi_token(model, tokenizer, batch_size=3) == pytest.approx(0.0, abs=1e-5)
+    baseline = Baseline.measure(TransformersEngine(model, tokenizer), PROMPTS, kl_tokens=6, top_k=320, batch_size=2)
+    assert baseline.kl(TransformersEngine(model, tokenizer)) == pytest.approx(0.0, abs=1e-6)
+    assert baseline.kl_multi_token(TransformersEngine(model, tokenizer), batch_size=3) == pytest.approx(0.0, abs=1e-5)
     adapter = adapter_for(model)
     directions = torch.nn.functional.normalize(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     with ablate(plan_edits(adapter, directions, AblationParams.single_direction(2, 1.0))):
-        kl = baseline.kl(model, tokenizer)
-        multi = baseline.kl_multi_token(model, tokenizer)
+        kl = baseline.kl(TransformersEngine(model, tokenizer))
+        multi = baseline.kl_multi_token(TransformersEngine(model, tokenizer))
         # Reference for the multi-token value: run each prompt+continuation alone, full vocabulary.
         reference = []
         for prompt, cont, top_logprobs in zip(PROMPTS, baseline.continuations, baseline.top_logprobs):
@@ -142,12 +143,11 @@ def test_batch_size_is_the_fastest_that_fits_and_backs_off_on_out_of_memory(monk
         return real_generate(model, tokenizer, formatted_prompts, max_new_tokens, batch_size, decided, **options)
 
     monkeypatch.setattr(engine, "generate", generate_fitting_four)
-    monkeypatch.setattr(evaluation, "generate", generate_fitting_four)
     assert engine.choose_batch_size(model, tokenizer, prompts, max_batch_size=64) <= 4
     # measure_refusals asked for 32 at once halves until it fits, with the same result as batches of 4
     judge = PhraseJudge()
-    backed_off = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=32)
-    direct = evaluation.measure_refusals(model, tokenizer, prompts, judge, 6, batch_size=4)
+    backed_off = evaluation.measure_refusals(TransformersEngine(model, tokenizer), prompts, judge, 6, batch_size=32)
+    direct = evaluation.measure_refusals(TransformersEngine(model, tokenizer), prompts, judge, 6, batch_size=4)
     assert backed_off.responses == direct.responses
 
 
@@ -196,11 +196,11 @@ def test_early_refusal_verdicts_count_toward_the_bound_that_ends_a_dominated_tri
             return [True] * len(partials) if tokens == 3 else None
 
     judge = RefusesAtThree(markers=("\x00",), opening_chars=1000)
-    stopped = measure_refusals(model, tokenizer, PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2,
+    stopped = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2,
                                early_verdicts=True)
     assert stopped.stopped_at == 2 and stopped.responses == []
     # Without early verdicts nothing is decided before the budget: the bound is never met during generation.
-    assert measure_refusals(model, tokenizer, PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2).stopped_at is None
+    assert measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 10, batch_size=4, stop_at_refusals=2).stopped_at is None
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3_moe", "gemma3_text", "deepseek_v3"])

@@ -82,3 +82,11 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_no_function_longer_than_a_screen_or_two():
+    """A function that loads, edits, generates and evaluates at once is several functions."""
+    too_long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+                for name, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
+    assert not too_long, f"split these: {too_long}"

@@ -17,6 +17,7 @@ from abliterate.measure.evaluate import Baseline, measure_refusals
 from abliterate.measure.engines.transformers import generate, next_token_logprobs
 from abliterate.core.judges import PhraseJudge
 from abliterate.measure.engines.prefix import PrefixCache, plan_stops
+from abliterate.measure.engines.transformers import TransformersEngine
 
 PROMPTS = ["<|user|>Say hi<|end|><|assistant|>", "<|user|>Tell me a longer story please<|end|><|assistant|>",
            "<|user|>x<|end|><|assistant|>", "<|user|>What is two plus two?<|end|><|assistant|>"]
@@ -122,16 +123,15 @@ def test_a_small_budget_keeps_fewer_layers_and_the_same_numbers(budget_layers):
 
 def test_baseline_and_refusals_take_the_first_edited_layer():
     model, tokenizer, adapter, directions, batch_size = setup("llama")
-    baseline = Baseline.measure(model, tokenizer, PROMPTS, kl_tokens=0, batch_size=batch_size)
+    engine = TransformersEngine(model, tokenizer)
+    baseline = Baseline.measure(engine, PROMPTS, kl_tokens=0, batch_size=batch_size)
     harmful_prefix, judge = PrefixCache(1 << 30), PhraseJudge(markers=("a",), opening_chars=8)
     for _ in range(3):
         with ablate(*edits_from(adapter, directions, 2)):
-            assert baseline.kl(model, tokenizer, batch_size, 2) == pytest.approx(baseline.kl(model, tokenizer, batch_size),
-                                                                                 abs=1e-6)
-            full = measure_refusals(model, tokenizer, PROMPTS, judge, 8, batch_size)
-            reused = measure_refusals(model, tokenizer, PROMPTS, judge, 8, batch_size, first_edited_layer=2,
-                                      prefix=harmful_prefix)
+            assert baseline.kl(engine, batch_size, 2) == pytest.approx(baseline.kl(engine, batch_size), abs=1e-6)
+            full = measure_refusals(engine, PROMPTS, judge, 8, batch_size)
+            reused = measure_refusals(engine, PROMPTS, judge, 8, batch_size, first_edited_layer=2, prefix=harmful_prefix)
         assert (reused.responses, reused.verdicts) == (full.responses, full.verdicts)
     assert baseline.prefix.hidden and harmful_prefix.kv
-    other = build_tiny_model("llama", seed=1)  # another model: its states are not the cached ones, nothing reused
-    assert baseline.kl(other, tokenizer, batch_size, 2) == pytest.approx(baseline.kl(other, tokenizer, batch_size))
+    other = TransformersEngine(build_tiny_model("llama", seed=1), tokenizer)  # its states are not the cached ones
+    assert baseline.kl(other, batch_size, 2) == pytest.approx(baseline.kl(other, batch_size))

@@ -20,6 +20,7 @@ from abliterate.measure.directions import Directions
 from abliterate.errors import UserError
 from abliterate.search.pick import refusal_tolerance
 from abliterate.search.study import _refusal_bound, focus, open_study, pareto_front, pick_trial, suggest_params, warm_start_params
+from abliterate.measure.engines.transformers import TransformersEngine
 
 SMALL = ["--trials", "3", "--startup-trials", "2", "--tune-prompts", "3", "--eval-prompts", "3", "--max-new-tokens", "4"]
 
@@ -321,7 +322,7 @@ def test_trials_answer_the_tune_prompts_the_base_refuses(tiny_model_dir):
     assert search_prompts(tune, "refused", [0, 2]) == ["p0", "p2"]
     assert search_prompts(tune, "all", [0, 2]) == tune and search_prompts(tune, "refused", None) == tune
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-    nothing = measure_refusals(model, tokenizer, search_prompts(tune, "refused", []), get_judge(), 4, 4)
+    nothing = measure_refusals(TransformersEngine(model, tokenizer), search_prompts(tune, "refused", []), get_judge(), 4, 4)
     assert (nothing.refusals, nothing.total, nothing.responses) == (0, 0, [])
 
 

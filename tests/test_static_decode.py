@@ -17,6 +17,7 @@ from abliterate.measure.evaluate import measure_refusals
 from abliterate.measure.engines.transformers import _static_decoding, generate
 from abliterate.core.judges import PhraseJudge
 from abliterate.measure.engines.prefix import PrefixCache
+from abliterate.measure.engines.transformers import TransformersEngine
 
 SLIDING = dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"] * 2)
 
@@ -66,11 +67,11 @@ def test_the_decoder_takes_full_attention_and_windows_longer_than_the_answer():
 def test_refusal_counting_stops_early_on_the_static_path_too():
     model, tokenizer, *_ = setup("llama")
     judge = PhraseJudge(markers=("q",), opening_chars=1000)  # one of the four answers
-    dynamic = measure_refusals(model, tokenizer, PROMPTS, judge, 12, 4, decode="dynamic")
-    static = measure_refusals(model, tokenizer, PROMPTS, judge, 12, 4, decode="static")
+    dynamic = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 12, 4, decode="dynamic")
+    static = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 12, 4, decode="static")
     assert static.verdicts == dynamic.verdicts and static.responses == dynamic.responses
     assert static.refusals > 0
-    stopped = measure_refusals(model, tokenizer, PROMPTS, judge, 12, 4, stop_at_refusals=1, decode="static")
+    stopped = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 12, 4, stop_at_refusals=1, decode="static")
     assert stopped.stopped_at == 1
 
 
@@ -85,9 +86,9 @@ def test_out_of_memory_on_the_fixed_buffers_halves_the_batch_instead_of_leaving_
 
     monkeypatch.setattr(static_decode.StaticDecoder, "_step", step_fitting_two)
     judge = PhraseJudge(markers=("q",), opening_chars=1000)
-    backed_off = measure_refusals(model, tokenizer, PROMPTS, judge, 8, 4, decode="static")
+    backed_off = measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 8, 4, decode="static")
     assert model not in static_decode._UNSUPPORTED
-    assert backed_off.responses == measure_refusals(model, tokenizer, PROMPTS, judge, 8, 2, decode="dynamic").responses
+    assert backed_off.responses == measure_refusals(TransformersEngine(model, tokenizer), PROMPTS, judge, 8, 2, decode="dynamic").responses
 
 
 def test_auto_is_static_only_on_a_single_gpu_when_asked(monkeypatch):

@@ -24,6 +24,7 @@ from abliterate.core.judges import get_judge
 from abliterate.core.load import load_model
 from abliterate.core.prompts import format_prompts, load_prompts
 from abliterate.search.study import open_study, pareto_front
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 def main() -> None:
@@ -45,13 +46,13 @@ def main() -> None:
     judge, tokens = get_judge(identity["judge"]), identity["max_new_tokens"]
 
     start = time.perf_counter()
-    base = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, tokens, args.batch_size).verdicts
+    base = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, tokens, args.batch_size).verdicts
     answered = [i for i, refused in enumerate(base) if not refused]
     print(f"base: {sum(base)}/{len(base)} refusals ({time.perf_counter() - start:.0f} s)")
     for trial in chosen:
         params = AblationParams.from_dict(trial.user_attrs["params"])
         with ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving):
-            result = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, tokens, args.batch_size)
+            result = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, tokens, args.batch_size)
         turned = [i for i in answered if result.verdicts[i]]
         kept = sum(result.verdicts[i] for i, refused in enumerate(base) if refused)
         print(f"trial {trial.number} (tune {trial.values[0]:.0f} refusals, KL {trial.values[1]:.3f}): {result.refusals}/"

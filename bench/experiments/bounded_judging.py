@@ -26,6 +26,7 @@ from abliterate.measure.evaluate import measure_refusals
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 from abliterate.search.study import suggest_params, warm_start_params
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 class PerAnswer:
@@ -70,7 +71,7 @@ def main() -> None:
         for name, trial_judge in (("per answer (before)", PerAnswer(judge)), ("settled only (now)", judge)) * args.repeats:
             encoder_calls[0] = 0
             start = time.perf_counter()
-            result = measure_refusals(loaded.model, loaded.tokenizer, harmful, trial_judge, args.max_new_tokens,
+            result = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, trial_judge, args.max_new_tokens,
                                       args.batch_size, stop_at_refusals=len(harmful) + 1)
             seconds = time.perf_counter() - start
             best = results.get(name)

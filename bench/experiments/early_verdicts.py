@@ -26,6 +26,7 @@ from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 from abliterate.choose.report import load_study_readonly
 from abliterate.search.study import pareto_front
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
         with ablate(plan_edits(loaded.adapter, directions, params), params.norm_preserving):
             for early in (False, True):
                 start = time.perf_counter()
-                results.append(measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, budget,
+                results.append(measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, budget,
                                                 args.batch_size, early_verdicts=early))
                 seconds.append(time.perf_counter() - start)
         full, early = results

@@ -27,6 +27,7 @@ from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 from abliterate.choose.report import load_study_readonly
 from abliterate.search.study import pareto_front, pick_trial
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
 
     harmful = fmt(load_prompts(identity["harmful"], split="eval")[:args.prompts])
     benign = fmt(load_prompts(identity["harmless"], split="eval")[:min(args.prompts, 100)])
-    baseline = Baseline.measure(loaded.model, loaded.tokenizer, benign, 0, batch_size=args.batch_size)
+    baseline = Baseline.measure(TransformersEngine(loaded.model, loaded.tokenizer), benign, 0, batch_size=args.batch_size)
     judge = get_judge(identity["judge"])
     print(f"{args.run_dir}: {identity['model']}, {identity['dtype']}, judge {judge.name}; held out: {len(harmful)} "
           f"harmful, {len(benign)} benign prompts")

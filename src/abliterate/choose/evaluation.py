@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from abliterate.core.judges import get_judge
-from abliterate.core.load import load_model
-from abliterate.core.prompts import BUNDLED_SETS, format_prompts, load_prompts
+from abliterate.core.prompts import BUNDLED_SETS, load_prompts
 from abliterate.core.settings import MeasureSettings
 from abliterate.errors import UserError
-from abliterate.measure.engines.transformers import choose_batch_size
-from abliterate.measure.evaluate import Baseline, check_same_vocabulary, evaluate, perplexity
+from abliterate.measure.evaluate import perplexity
+from abliterate.measure.workbench import PromptSplits, Workbench
 
 Status = Callable[[str], ContextManager]
 
@@ -53,43 +51,33 @@ def evaluate_model(settings: MeasureSettings, *, base: str | None = None, harmfu
     `base` (default: the base the model records) on the harmless ones, and optionally perplexity on a text file."""
     if settings.max_new_tokens <= 0 or settings.kl_tokens < 0 or settings.batch_size < 0 or (limit is not None and limit <= 0):
         raise UserError("--max-new-tokens and --limit must be positive, --kl-tokens and --batch-size not negative")
-    judge = get_judge(settings.judge)
     harmful_prompts, harmless_prompts = read_prompt_sets(harmful, harmless, column, split, default_split="eval")
-    if limit:
-        harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
+    prompts = PromptSplits(eval=(harmful_prompts[:limit], harmless_prompts[:limit]))
     text = read_utf8(perplexity_file) if perplexity_file else None
     base = base or recorded_base(settings.model)
-    loaded = _load(settings.model, settings.revision, settings, status)
-    formatted_harmful = format_prompts(loaded.tokenizer, harmful_prompts, settings.system_prompt)
-    batch_size = settings.batch_size
-    if not batch_size:
+    bench = _open(settings.model, settings.revision, prompts, settings, status)
+    if not settings.batch_size:
         with status("choosing the batch size"):
-            batch_size = choose_batch_size(loaded.model, loaded.tokenizer, formatted_harmful,
-                                           new_tokens=settings.max_new_tokens)
-    baseline = _baseline(loaded, base, harmless_prompts, batch_size, settings, status) if base else None
-    with status(f"generating {len(harmful_prompts)} responses"):
-        metrics = evaluate(loaded.model, loaded.tokenizer, formatted_harmful, judge, baseline, settings.max_new_tokens,
-                           batch_size)
+            bench.choose_batch_size(settings.max_batch_size, split="eval")
+    if base and base != settings.model:
+        bench.against(_open(base, None, prompts, settings, status))
+    if base:
+        with status("measuring the base model's benign answers"):
+            bench.baseline("eval")
+    with status(f"generating {len(prompts.eval[0])} responses"):
+        metrics = bench.measure(None, "eval", kl=bool(base))
     default_label = "eval" if harmful in BUNDLED_SETS else "all prompts"
     metrics.extra.update(model=settings.model, base=base, split=split or default_label,
-                         max_new_tokens=settings.max_new_tokens, batch_size=batch_size)
+                         max_new_tokens=settings.max_new_tokens, batch_size=bench.batch_size)
     if text is not None:
-        metrics.extra["perplexity"] = perplexity(loaded.model, loaded.tokenizer, text)
+        metrics.extra["perplexity"] = perplexity(bench.model, bench.tokenizer, text)
     return metrics.to_dict()
 
 
-def _load(model: str, revision: str | None, settings: MeasureSettings, status: Status):
+def _open(model: str, revision: str | None, prompts: PromptSplits, settings: MeasureSettings,
+          status: Status) -> Workbench:
     with status(f"loading {model}"):
-        return load_model(model, dtype=settings.dtype, device_map=settings.device_map, revision=revision,
-                          trust_remote_code=settings.trust_remote_code)
-
-
-def _baseline(loaded, base: str, harmless_prompts: list[str], batch_size: int, settings: MeasureSettings,
-              status: Status) -> Baseline:
-    """The base model's benign answers, which KL is measured against (the model itself when it is its own base)."""
-    base_loaded = loaded if base == settings.model else _load(base, None, settings, status)
-    check_same_vocabulary(loaded.tokenizer, base_loaded.tokenizer)
-    with status("measuring the base model's benign answers"):
-        return Baseline.measure(base_loaded.model, base_loaded.tokenizer,
-                                format_prompts(base_loaded.tokenizer, harmless_prompts, settings.system_prompt),
-                                settings.kl_tokens, batch_size=batch_size)
+        return Workbench.open(model, prompts, settings.judge, settings.dtype, settings.device_map, revision,
+                              settings.trust_remote_code, batch_size=settings.batch_size or 16,
+                              max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
+                              system_prompt=settings.system_prompt)

@@ -28,53 +28,12 @@ documented threshold; the command exits 0 when all pass, 1 when one fails, 2 on 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from abliterate.core.settings import ON_TOPIC_THRESHOLD, VerifySettings
 from abliterate.errors import UserError
-
-ON_TOPIC_THRESHOLD = 0.50
-
-
-@dataclass
-class VerifySettings:
-    harmful: str = "harmful"
-    harmless: str = "harmless"
-    split: str = "eval"
-    prompts: int = 32  # held-out harmful prompts asked of the base
-    kl_prompts: int = 16  # benign prompts for KL
-    max_new_tokens: int = 48
-    reasoning_probes: int = 10
-    reasoning_tokens: int = 256
-    kl_tokens: int = 16
-    judge: str = "classifier"
-    system_prompt: str | None = None
-    batch_size: int = 8
-    min_answered: float = 0.8
-    on_topic: float = ON_TOPIC_THRESHOLD
-    reasoning_slack: int = 0
-    max_kl: float = 0.40
-    max_kl_multi: float = 0.20
-    dtype: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-
-    def check(self) -> None:
-        for name, value in {"--prompts": self.prompts, "--kl-prompts": self.kl_prompts, "--max-new-tokens": self.max_new_tokens,
-                            "--reasoning-tokens": self.reasoning_tokens, "--batch-size": self.batch_size}.items():
-            if value <= 0:
-                raise UserError(f"{name} must be positive; got {value}")
-        if self.reasoning_probes < 0 or self.kl_tokens < 0 or self.reasoning_slack < 0:
-            raise UserError("--reasoning-probes, --kl-tokens and --reasoning-slack must not be negative")
-        if not 0 < self.min_answered <= 1:
-            raise UserError(f"--min-answered is a fraction in (0, 1]; got {self.min_answered}")
-        if not -1 <= self.on_topic <= 1:
-            raise UserError(f"--on-topic is a cosine similarity in [-1, 1]; got {self.on_topic}")
-        if self.max_kl < 0 or self.max_kl_multi < 0:
-            raise UserError("--max-kl and --max-kl-multi must not be negative")
 
 
 @dataclass
@@ -250,80 +209,82 @@ def recorded_base(spec) -> str | None:
 
 
 def verify(model: str, base: str | None, settings: VerifySettings, status=lambda message: None) -> Verification:
-    """Run the three checks (see the module docstring)."""
-    from abliterate.measure.ablation import ablate, plan_edits
-    from abliterate.choose.compare import same_reference, check_vocabularies, parse_spec
+    """Run the three checks (see the module docstring): the base's answers first, then the model's."""
+    from abliterate.choose.compare import check_vocabularies, parse_spec, same_reference
     from abliterate.measure.directions import Directions
-    from abliterate.measure.evaluate import Baseline, measure_refusals
-    from abliterate.measure.engines.transformers import generate
-    from abliterate.core.judges import get_judge, is_degenerate, judge_refusals
-    from abliterate.core.load import load_model
     from abliterate.measure.probes import reasoning_probes
-    from abliterate.core.prompts import format_prompts, load_prompts
 
-    settings.check()
     spec = parse_spec(model)
     base = base or recorded_base(spec)
     if not base:
         raise UserError(f"no base model to verify {model} against: it has no abliteration.json naming one; give --base BASE")
-    judge = get_judge(settings.judge)
-    harmful = load_prompts(settings.harmful, split=settings.split)[: settings.prompts]
-    benign = load_prompts(settings.harmless, split=settings.split)[: settings.kl_prompts]
     probes = list(reasoning_probes())[: settings.reasoning_probes]
     check_vocabularies([spec], base, settings.trust_remote_code)
-    batch = settings.batch_size
+    base_bench, refused, base_reasoning, thinking = _ask_the_base(base, probes, settings, status)
+    if same_reference(spec.reference, base):
+        bench = base_bench
+    else:
+        base_bench.close()
+        bench = _open(spec.reference, base_bench.prompts, settings, status).against(base_bench)
+    params, directions = (spec.params, Directions.load(spec.directions)) if spec.is_variant else (None, None)
+    with bench.applied(params, directions and directions.fitted_to(bench.loaded.adapter)):
+        status(f"asking {spec.label} the {len(refused)} prompts the base refused")
+        answers = bench.generate(refused).texts
+        model_prompts, model_thinks = format_reasoning(bench.tokenizer, [p.prompt for p in probes], settings.system_prompt)
+        model_generation = bench.generate(model_prompts, settings.reasoning_tokens, formatted=True)
+        baseline = bench.baseline("eval")
+        kl, kl_multi = baseline.kl(bench.engine, bench.batch_size), baseline.kl_multi_token(bench.engine, bench.batch_size)
+    return _judged(model if not spec.is_variant else spec.label, base, len(base_bench.prompts.eval[0]), refused, answers, probes, base_reasoning,
+                   model_generation, thinking or model_thinks, kl, kl_multi, bench.judge, settings)
 
-    def load(reference):
-        status(f"loading {reference}")
-        return load_model(reference, dtype=settings.dtype, device_map=settings.device_map,
-                          trust_remote_code=settings.trust_remote_code)
 
-    base_loaded = load(base)
+def _open(reference: str, prompts, settings: VerifySettings, status):
+    from abliterate.measure.workbench import Workbench
+
+    status(f"loading {reference}")
+    return Workbench.open(reference, prompts, settings.judge, settings.dtype, settings.device_map,
+                          trust_remote_code=settings.trust_remote_code, batch_size=settings.batch_size,
+                          max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
+                          system_prompt=settings.system_prompt)
+
+
+def _ask_the_base(base: str, probes, settings: VerifySettings, status):
+    """The base's bench, the held-out prompts it refuses, its reasoning answers (and whether it thinks)."""
+    from abliterate.core.prompts import load_prompts
+    from abliterate.measure.workbench import PromptSplits
+
+    harmful = load_prompts(settings.harmful, split=settings.split)[: settings.prompts]
+    benign = load_prompts(settings.harmless, split=settings.split)[: settings.kl_prompts]
+    bench = _open(base, PromptSplits(eval=(harmful, benign)), settings, status)
     status(f"asking the base {len(harmful)} held-out harmful prompts")
-    base_result = measure_refusals(base_loaded.model, base_loaded.tokenizer,
-                                   format_prompts(base_loaded.tokenizer, harmful, settings.system_prompt), judge,
-                                   settings.max_new_tokens, batch)
-    refused = [p for p, v in zip(harmful, base_result.verdicts) if v]
+    verdicts = bench.measure(None, "eval", kl=False).extra["verdicts"]
+    refused = [prompt for prompt, refusal in zip(harmful, verdicts) if refusal]
     if not refused:
         raise UserError(f"the base {base} refuses none of the {len(harmful)} held-out harmful prompts, so there is nothing "
                         "to verify; give more --prompts or the model it was really made from with --base")
     status(f"measuring the base's benign answers and reasoning ({len(benign)} + {len(probes)} prompts)")
-    baseline = Baseline.measure(base_loaded.model, base_loaded.tokenizer,
-                                format_prompts(base_loaded.tokenizer, benign, settings.system_prompt), settings.kl_tokens,
-                                batch_size=batch)
-    reasoning_prompts, thinking = format_reasoning(base_loaded.tokenizer, [p.prompt for p in probes], settings.system_prompt)
-    base_reasoning = generate(base_loaded.model, base_loaded.tokenizer, reasoning_prompts, settings.reasoning_tokens,
-                              batch).texts if probes else []
+    bench.baseline("eval")
+    reasoning_prompts, thinking = format_reasoning(bench.tokenizer, [p.prompt for p in probes], settings.system_prompt)
+    reasoning = bench.generate(reasoning_prompts, settings.reasoning_tokens, formatted=True).texts if probes else []
+    return bench, refused, reasoning, thinking
 
-    if same_reference(spec.reference, base):
-        loaded = base_loaded
-    else:
-        del base_loaded
-        gc.collect()
-        loaded = load(spec.reference)
-    context = contextlib.nullcontext()
-    if spec.is_variant:
-        directions = Directions.load(spec.directions).fitted_to(loaded.adapter)
-        context = ablate(plan_edits(loaded.adapter, directions.directions, spec.params), spec.params.norm_preserving)
-    with context:
-        status(f"asking {spec.label} the {len(refused)} prompts the base refused")
-        answers = generate(loaded.model, loaded.tokenizer, format_prompts(loaded.tokenizer, refused, settings.system_prompt),
-                           settings.max_new_tokens, batch).texts
-        model_prompts, model_thinks = format_reasoning(loaded.tokenizer, [p.prompt for p in probes], settings.system_prompt)
-        model_generation = generate(loaded.model, loaded.tokenizer, model_prompts, settings.reasoning_tokens, batch)
-        kl = baseline.kl(loaded.model, loaded.tokenizer, batch)
-        kl_multi = baseline.kl_multi_token(loaded.model, loaded.tokenizer, batch)
+
+def _judged(label: str, base: str, asked: int, refused: list[str], answers: list[str], probes, base_reasoning: list[str],
+            model_generation, thinking: bool, kl: float, kl_multi: float | None, judge,
+            settings: VerifySettings) -> Verification:
+    from abliterate.core.judges import is_degenerate, judge_refusals
+
     verdicts = judge_refusals(judge, answers)
     similarities = on_topic_scores(refused, answers)
     answered, answered_count = answered_check(refused, answers, verdicts, [is_degenerate(a) for a in answers], similarities,
                                               settings)
-    checks = [answered, reasoning_check(probes, base_reasoning, model_generation.texts, thinking or model_thinks,
+    checks = [answered, reasoning_check(probes, base_reasoning, model_generation.texts, thinking,
                                         settings.reasoning_slack, settings.reasoning_tokens,
                                         [len(t) >= settings.reasoning_tokens for t in model_generation.tokens]),
               kl_check(kl, kl_multi, settings)]
-    numbers = {"asked": len(harmful), "base_refused": len(refused), "answered_on_topic": answered_count, "kl": kl,
+    numbers = {"asked": asked, "base_refused": len(refused), "answered_on_topic": answered_count, "kl": kl,
                "kl_multi_token": kl_multi, "judge": judge.name, "on_topic_threshold": settings.on_topic,
                "similarities": similarities,
                "reasoning": [{"probe": p.prompt, "expected": p.answers[0], "base": b, "model": m}
                              for p, b, m in zip(probes, base_reasoning, model_generation.texts)]}
-    return Verification(spec.label if spec.is_variant else model, base, checks, numbers)
+    return Verification(label, base, checks, numbers)

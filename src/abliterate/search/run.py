@@ -91,7 +91,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     study = open_study(str(output / STUDY_FILE), settings.seed, settings.startup_trials,
                        warm_start_params(settings.space, bench.loaded.adapter.n_layers))
     refusal_ceiling = None if settings.focus >= 1 else settings.focus * state["base"]["tune"]["refusals"]
-    context = TrialContext(bench.loaded, directions.directions, search_harmful, tune_baseline, judge,
+    context = TrialContext(bench.loaded, bench.engine, directions.directions, search_harmful, tune_baseline, judge,
                            settings.max_new_tokens, bench.batch_size, settings.max_kl, refusal_ceiling=refusal_ceiling,
                            early_verdicts=settings.early_verdicts)
     study.set_user_attr("tune_prompts", len(tune_harmful))

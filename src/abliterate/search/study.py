@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
-from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
+from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, plan_edits
 from abliterate.core.settings import SearchSpace
 from abliterate.core.rundir import STUDY_NAME
 from abliterate.errors import UserError
@@ -116,6 +116,7 @@ class TrialContext:
     """What every trial measures against: computed once per run."""
 
     loaded: object
+    engine: object  # abliterate.plugins.Engine running loaded's model
     directions: object  # [n_layers, hidden] tensor
     tune_harmful: list[str]  # formatted: the harmful tune prompts every trial answers
     baseline: object  # evaluate.Baseline on the benign tune prompts
@@ -152,16 +153,16 @@ def objective(context: TrialContext, space: SearchSpace):
         # layers below the first edited one compute what the base model does: reuse it, don't recompute it
         first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
         heads = {}  # the chat header's cache, computed by this trial's model once for both passes
-        with ablate(edits, params.norm_preserving):
+        with context.engine.ablated(edits, params.norm_preserving):
             started = time.perf_counter()
-            kl = context.baseline.kl(loaded.model, loaded.tokenizer, context.batch_size, first_edited, heads)
+            kl = context.baseline.kl(context.engine, context.batch_size, first_edited, heads)
             trial.set_user_attr("kl_seconds", round(time.perf_counter() - started, 3))  # where a trial's time goes
             bound = _refusal_bound(trial.study, kl) if math.isfinite(kl) else None
             if not math.isfinite(kl) or kl > context.max_kl or bound == 0:
                 trial.set_user_attr("cut_short", True)
                 return float(total), kl if math.isfinite(kl) else 1e6
             started = time.perf_counter()
-            result = measure_refusals(loaded.model, loaded.tokenizer, context.tune_harmful, context.judge,
+            result = measure_refusals(context.engine, context.tune_harmful, context.judge,
                                       context.max_new_tokens, context.batch_size,
                                       first_edited_layer=first_edited, prefix=context.harmful_prefix,
                                       stop_at_refusals=bound, early_verdicts=context.early_verdicts, heads=heads)

@@ -18,12 +18,12 @@ import copy
 import functools
 import os
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from abliterate.measure.engines import static_decode
 from abliterate.measure.engines.prefix import PrefixCache, cache_of
+from abliterate.plugins import Generation
 
 
 def device_of(model) -> torch.device:
@@ -228,18 +228,6 @@ def choose_batch_size(model, tokenizer, formatted_prompts: list[str], max_batch_
     return best_size
 
 
-@dataclass
-class Generation:
-    texts: list[str]
-    tokens: list[list[int]]  # generated token ids, EOS excluded
-    tokens_generated: int  # decode steps actually computed, summed over sequences
-    tokens_budget: int  # what full-length generation would have computed
-
-    @property
-    def tokens_saved(self) -> int:
-        return self.tokens_budget - self.tokens_generated
-
-
 def _static_decoding(model, decode: str) -> bool:
     """`auto`: with ABLITERATE_CUDA_GRAPHS=1, static shapes and CUDA graphs on a model on one GPU (where decode
     steps are launch-bound); otherwise the dynamic path, whose finished rows leave the batch (on a CPU the arithmetic
@@ -409,31 +397,35 @@ def teacher_forced_logprobs(model, tokenizer, formatted_prompts: list[str], cont
 
 
 class TransformersEngine:
-    """The `abliterate.plugins.Engine` on a Hugging Face model loaded by `abliterate.core.load.load_model`: ablations
-    as forward hooks (or swapped weights when norm-preserving), removed exactly; every speed path above."""
+    """The `abliterate.plugins.Engine` on a Hugging Face model (`abliterate.core.load.load_model`): ablations as
+    forward hooks (or swapped weights when norm-preserving), removed exactly; every speed path above, which the
+    `speed` options of its calls select (a search trial's prefix reuse, shared head, early verdicts, decoding)."""
 
     name = "transformers"
 
-    def __init__(self, loaded):
-        self.loaded = loaded
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
 
     def ablated(self, edits: list, norm_preserving: bool = False):
         from abliterate.measure.ablation import ablate
 
         return ablate(edits, norm_preserving)
 
-    def first_token_logprobs(self, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
-        return with_batch_backoff(lambda items, size: next_token_logprobs(self.model, self.tokenizer, items, size),
-                                  prompts, batch_size)
+    def first_token_logprobs(self, prompts: list[str], batch_size: int = 16, **speed) -> torch.Tensor:
+        """`speed`: first_edited_layer, prefix, heads, on_cpu (see `next_token_logprobs`)."""
+        return with_batch_backoff(lambda items, size: next_token_logprobs(self.model, self.tokenizer, items, size,
+                                                                          **speed), prompts, batch_size)
 
     def teacher_forced_logprobs(self, prompts: list[str], continuations: list[list[int]],
                                 batch_size: int = 16) -> torch.Tensor:
-        return teacher_forced_logprobs(self.model, self.tokenizer, prompts, continuations, batch_size)
+        return with_batch_backoff(lambda items, size: teacher_forced_logprobs(
+            self.model, self.tokenizer, items, continuations, size), prompts, batch_size)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16, stop=None) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16, stop=None,
+                 **speed) -> Generation:
+        """`speed`: first_edited_layer, prefix, heads, decode, verdicts_at (see `generate`)."""
         return with_batch_backoff(lambda items, size: generate(self.model, self.tokenizer, items, max_new_tokens, size,
-                                                               stop).texts, prompts, batch_size)
+                                                               stop, **speed), prompts, batch_size)
 
     def choose_batch_size(self, prompts: list[str], max_batch_size: int = 64, new_tokens: int = 32) -> int:
         return choose_batch_size(self.model, self.tokenizer, prompts, max_batch_size, new_tokens)
