@@ -1,6 +1,6 @@
 """Benchmark: direction measurement against a bare batched forward pass over the same prompts, same run.
 
-    python bench/directions.py [--model tiny] [--prompts 64] [--batch-size 16] [--dtype auto]
+    python bench/directions.py [--model tiny] [--prompts 64] [--batch-size 16] [--dtype auto] [--repeats 2]
 
 Prints tokens/s of both and their ratio (target >= 0.8x), and the peak RSS of this process against the
 model's bytes in its working dtype (target <= 1.3x). Also the bf16/fp32 matmul speed ratio that
@@ -9,16 +9,12 @@ model's bytes in its working dtype (target <= 1.3x). Also the bf16/fp32 matmul s
 
 from __future__ import annotations
 
-import argparse
-import platform
-import resource
-import time
-
 import torch
 
-from abliterate.measure.directions import mean_last_token_residuals
+import harness
 from abliterate.core.load import cpu_bf16_speedup, load_model
 from abliterate.core.prompts import format_prompts, load_prompts
+from abliterate.measure.directions import mean_last_token_residuals
 
 
 def bare_forward(model, tokenizer, prompts, batch_size):
@@ -30,18 +26,8 @@ def bare_forward(model, tokenizer, prompts, batch_size):
             model(**inputs, use_cache=False)
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main():
-    parser = argparse.ArgumentParser()
+    parser = harness.parser(__doc__, repeats=2)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--prompts", type=int, default=64, help="per set (harmful, harmless)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -58,25 +44,32 @@ def main():
 
     # Peak memory of loading + measuring, taken before the bare forward (whose logits are large) ever runs.
     mean_last_token_residuals(model, tokenizer, loaded.adapter, prompts, args.batch_size)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    timings = {"bare forward": [], "directions": []}
-    for _ in range(2):  # interleaved repeats: both sides see the same machine state
-        start = time.perf_counter()
-        bare_forward(model, tokenizer, prompts, args.batch_size)
-        timings["bare forward"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        mean_last_token_residuals(model, tokenizer, loaded.adapter, prompts, args.batch_size)
-        timings["directions"].append(time.perf_counter() - start)
-    best = {name: min(values) for name, values in timings.items()}
+    peak_rss = harness.peak_rss()
+    timings = harness.alternate({
+        "bare forward": lambda: bare_forward(model, tokenizer, prompts, args.batch_size),
+        "directions": lambda: mean_last_token_residuals(model, tokenizer, loaded.adapter, prompts, args.batch_size),
+    }, args.repeats)
+    best = {name: timing.best for name, timing in timings.items()}
+    bf16_speedup = cpu_bf16_speedup()
 
-    print(f"cpu: {cpu_name()}, {torch.get_num_threads()} threads; model {args.model} in {loaded.dtype} "
-          f"(bf16/fp32 matmul speed on this CPU: {cpu_bf16_speedup():.2f}x)")
+    print(f"cpu: {harness.cpu_name()}, {torch.get_num_threads()} threads; model {args.model} in {loaded.dtype} "
+          f"(bf16/fp32 matmul speed on this CPU: {bf16_speedup:.2f}x)")
     print(f"{len(prompts)} prompts, {n_tokens} tokens, batch {args.batch_size}")
     for name, seconds in best.items():
         print(f"  {name:<13} {seconds:7.2f} s  {n_tokens / seconds:9.0f} tokens/s")
-    print(f"throughput ratio directions / bare forward: {best['bare forward'] / best['directions']:.2f}x (target >= 0.8x)")
+    throughput = harness.ratio(best["bare forward"], best["directions"])
+    rss_ratio = harness.ratio(peak_rss, model_bytes)
+    print(f"throughput ratio directions / bare forward: {throughput:.2f}x (target >= 0.8x)")
     print(f"peak RSS (load + directions) {peak_rss / 2**30:.2f} GiB vs model {model_bytes / 2**30:.2f} GiB: "
-          f"{peak_rss / model_bytes:.2f}x (target <= 1.3x)")
+          f"{rss_ratio:.2f}x (target <= 1.3x)")
+    harness.record("directions", {
+        "model": args.model, "dtype": str(loaded.dtype), "prompts": len(prompts), "tokens": n_tokens,
+        "batch_size": args.batch_size, "seconds": best, "tokens_per_s": n_tokens / best["directions"],
+        "throughput_ratio": throughput, "peak_rss_bytes": peak_rss, "model_bytes": model_bytes,
+        "peak_rss_ratio": rss_ratio, "bf16_fp32_matmul_speedup": bf16_speedup,
+    }, title="directions", path=args.json,
+        headline=f"{n_tokens / best['directions']:.0f} tokens/s, {throughput:.2f}x a bare forward pass; "
+                 f"peak RSS {rss_ratio:.2f}x the model")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ Times are the best of --repeats, interleaved (a shared machine is noisy).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
+import harness
 from abliterate.measure.ablation import AblationParams, ComponentParams, Kernel, ablate, plan_edits
 from abliterate.core.arch import adapter_for
 from abliterate.measure.engines.transformers import generate, next_token_logprobs
@@ -36,24 +35,12 @@ def random_llama():
     return model, tokenizer, lambda n: [f"<|user|>{p[:12 + i % 12]}<|end|><|assistant|>" for i, p in enumerate(prompts[:n])]
 
 
-def seconds(functions, repeats: int) -> list[float]:
-    """Best of `repeats` for each function, interleaved so that a busy machine slows all of them alike."""
-    best = [float("inf")] * len(functions)
-    for _ in range(repeats):
-        for i, function in enumerate(functions):
-            start = time.perf_counter()
-            function()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
 def main():
-    parser = argparse.ArgumentParser()
+    parser = harness.parser(__doc__, repeats=5)
     parser.add_argument("--model", default=None, help="e.g. tiny (default: a random llama, nothing to download)")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.model:
         from abliterate.core.load import load_model
@@ -73,6 +60,7 @@ def main():
           f"{torch.get_num_threads()} threads")
     print(f"{'L0':>3} | {'KL full':>8} {'reuse':>8} {'x':>5} | {'gen full':>8} {'reuse':>8} {'x':>5} | kept MiB")
     next_token_logprobs(model, tokenizer, prompts, bs), generate(model, tokenizer, prompts, 2, bs)  # warm-up
+    by_layer = {}
     for first in sorted({0, n // 4, n // 2}):
         kernel = Kernel(1.0, n - 1, 0.5, n - 1 - first + 0.5)  # edits layers first..n-1
         params = AblationParams({kind: ComponentParams((n - 1) * 0.6, kernel) for kind in ("attn", "mlp")})
@@ -87,10 +75,23 @@ def main():
                 kl_reuse(), gen_reuse()
             torch.testing.assert_close(kl_reuse(), kl_full(), atol=1e-4, rtol=0)
             assert gen_reuse().tokens == gen_full().tokens
-            times = seconds([kl_full, kl_reuse, gen_full, gen_reuse], args.repeats)
+            timings = harness.alternate({"kl_full": kl_full, "kl_reuse": kl_reuse, "gen_full": gen_full,
+                                         "gen_reuse": gen_reuse}, args.repeats)
+        times = [timing.best for timing in timings.values()]
         kept = (kl_reuse.args[-1].used + gen_reuse.args[-1].used) / 2**20
         print(f"{first:>3} | {times[0]:8.3f} {times[1]:8.3f} {times[0] / times[1]:5.2f} | "
               f"{times[2]:8.3f} {times[3]:8.3f} {times[2] / times[3]:5.2f} | {kept:.1f}")
+        by_layer[first] = {**{name: timing.best for name, timing in timings.items()},
+                           "kl_speedup": harness.ratio(times[0], times[1]),
+                           "gen_speedup": harness.ratio(times[2], times[3]), "kept_mib": kept}
+    layers = " / ".join(str(first) for first in by_layer)
+    kl, gen = (" / ".join(f"{row[key]:.2f}x" for row in by_layer.values()) for key in ("kl_speedup", "gen_speedup"))
+    harness.record("prefix", {
+        "model": args.model or "random llama", "layers": n, "prompts": len(prompts), "batch_size": bs,
+        "max_new_tokens": args.max_new_tokens, "by_first_edited_layer": by_layer,
+    }, title="prefix reuse", path=args.json,
+        headline=f"KL pass {kl}, generation {gen} faster with the first edit at layer {layers} of {n}; "
+                 "results identical")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ latency grows with C while its throughput stays that of one stream; a batching s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+import harness
 from abliterate.core.prompts import load_prompts
 
 
@@ -101,6 +101,16 @@ def report(label: str, result: dict, requests: int, concurrency: int, max_tokens
     print(f"  ok {result['ok']}, 4xx {result['4xx']}, 5xx {result['5xx']}, connection errors {result['errors']}")
 
 
+def figures(result: dict) -> dict:
+    """A load test's result for the record: counts and rates, latencies as percentiles."""
+    summary = {key: value for key, value in result.items() if key not in ("latency", "first_token")}
+    for name in ("latency", "first_token"):
+        values = result[name]
+        summary[name] = {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9),
+                         "p99": percentile(values, 0.99), "mean": statistics.mean(values) if values else float("nan")}
+    return summary
+
+
 def start_server(command: list[str], url: str, seconds: float = 600) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + seconds
@@ -118,7 +128,7 @@ def start_server(command: list[str], url: str, seconds: float = 600) -> subproce
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:11435/v1", help="Base URL of the OpenAI API (ends in /v1).")
     parser.add_argument("--vs-llama-cpp", metavar="GGUF", default=None,
                         help="Start `abliterate serve GGUF` and llama.cpp's server (llama_cpp.server) on the same file, "
@@ -137,6 +147,11 @@ def main() -> None:
     if not args.vs_llama_cpp:
         result = load_test(args.url.rstrip("/"), args.model, *shape, args.timeout, headers)
         report("server", result, *shape)
+        harness.record("serve", {"requests": args.requests, "concurrency": args.concurrency,
+                                 "max_tokens": args.max_tokens, "server": figures(result)},
+                       title="serving (one server)", path=args.json,
+                       headline=f"{result['model']}: {result['tokens_per_s']:.1f} completion tokens/s, p50 latency "
+                                f"{percentile(result['latency'], 0.5):.2f} s at {args.concurrency} at once")
         return
     servers = {
         "abliterate serve": [sys.executable, "-m", "abliterate.cli", "serve", args.vs_llama_cpp, "--port", "18435"],
@@ -157,9 +172,17 @@ def main() -> None:
             process.wait(30)
         report(label, results[label], *shape)
     ours, theirs = results["abliterate serve"], results["llama.cpp server"]
-    print(f"abliterate serve / llama.cpp server: throughput {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-          f"p50 latency {percentile(ours['latency'], 0.5) / percentile(theirs['latency'], 0.5):.2f}x; "
+    throughput = harness.ratio(ours["tokens_per_s"], theirs["tokens_per_s"])
+    latency = harness.ratio(percentile(ours["latency"], 0.5), percentile(theirs["latency"], 0.5))
+    print(f"abliterate serve / llama.cpp server: throughput {throughput:.2f}x, p50 latency {latency:.2f}x; "
           f"5xx: {ours['5xx']} vs {theirs['5xx']}")
+    harness.record("serve_vs_llama_cpp", {
+        "gguf": os.path.basename(args.vs_llama_cpp), "requests": args.requests, "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens, "throughput_ratio": throughput, "p50_latency_ratio": latency,
+        **{label: figures(result) for label, result in results.items()},
+    }, title="serving", path=args.json,
+        headline=f"`abliterate serve` {ours['tokens_per_s']:.1f} tokens/s, llama.cpp's server "
+                 f"{theirs['tokens_per_s']:.1f} ({throughput:.2f}x)")
 
 
 if __name__ == "__main__":

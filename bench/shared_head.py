@@ -8,23 +8,20 @@ best of `--repeats`; the log-probs and the first generated tokens compared.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 
 import abliterate.measure.engines.transformers as evaluation
+import harness
 from abliterate.core.load import load_model
 from abliterate.core.prompts import DEFAULT_SYSTEM_PROMPT, format_prompts, load_prompts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = harness.parser(__doc__, repeats=4)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--prompts", type=int, default=32, help="tune prompts of each set")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, dtype=args.dtype)
@@ -38,23 +35,36 @@ def main() -> None:
     tokens = sum(len(evaluation._token_ids(tokenizer, text)) for text in benign + harmful)
     print(f"{args.model}, {args.dtype}, batch {args.batch_size}: {len(benign)} benign + {len(harmful)} harmful prompts, "
           f"{tokens} tokens, shared head {head} tokens per prompt")
-    seconds = {False: ([], []), True: ([], [])}
-    outputs = {}
-    for _ in range(args.repeats):
-        for shared in (False, True):
-            evaluation.SHARE_HEAD = shared
-            start = time.perf_counter()
-            logprobs = evaluation.next_token_logprobs(model, tokenizer, benign, args.batch_size)
-            middle = time.perf_counter()
-            first = evaluation.generate(model, tokenizer, harmful, 1, args.batch_size).tokens
-            seconds[shared][0].append(middle - start)
-            seconds[shared][1].append(time.perf_counter() - middle)
-            outputs[shared] = logprobs, first
-    for label, index in (("KL pass (benign)", 0), ("prefill (harmful)", 1)):
-        whole, shared = min(seconds[False][index]), min(seconds[True][index])
+
+    def kl_pass(shared: bool):
+        evaluation.SHARE_HEAD = shared
+        return evaluation.next_token_logprobs(model, tokenizer, benign, args.batch_size)
+
+    def prefill(shared: bool):
+        evaluation.SHARE_HEAD = shared
+        return evaluation.generate(model, tokenizer, harmful, 1, args.batch_size).tokens
+
+    timings = harness.alternate({
+        ("KL pass (benign)", False): lambda: kl_pass(False), ("prefill (harmful)", False): lambda: prefill(False),
+        ("KL pass (benign)", True): lambda: kl_pass(True), ("prefill (harmful)", True): lambda: prefill(True),
+    }, args.repeats)
+    speedups = {}
+    for label in ("KL pass (benign)", "prefill (harmful)"):
+        whole, shared = timings[label, False].best, timings[label, True].best
+        speedups[label] = {"whole_s": whole, "shared_s": shared, "speedup": harness.ratio(whole, shared)}
         print(f"{label:<18} whole prompts {whole:6.2f} s   shared head {shared:6.2f} s   {whole / shared:.2f}x")
-    difference = (outputs[True][0] - outputs[False][0]).abs().max().item()
-    print(f"max |log-prob difference| {difference:.1e}; first tokens identical: {outputs[True][1] == outputs[False][1]}")
+    difference = (timings["KL pass (benign)", True].values[-1]
+                  - timings["KL pass (benign)", False].values[-1]).abs().max().item()
+    identical = timings["prefill (harmful)", True].values[-1] == timings["prefill (harmful)", False].values[-1]
+    print(f"max |log-prob difference| {difference:.1e}; first tokens identical: {identical}")
+    kl, prefill_speedup = speedups["KL pass (benign)"]["speedup"], speedups["prefill (harmful)"]["speedup"]
+    harness.record("shared_head", {
+        "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "prompts": len(benign),
+        "tokens": tokens, "head_tokens": head, "kl_pass": speedups["KL pass (benign)"],
+        "prefill": speedups["prefill (harmful)"], "max_logprob_difference": difference, "first_tokens_identical": identical,
+    }, title="shared prompt head", path=args.json,
+        headline=f"KL pass {kl:.2f}x, harmful prefill {prefill_speedup:.2f}x faster, log-probs within {difference:.1e}"
+                 f"{'' if identical else ', first tokens differ'}")
 
 
 if __name__ == "__main__":

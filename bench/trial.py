@@ -14,12 +14,12 @@ static = fixed shapes and CUDA graphs on a GPU), timed, and its answers compared
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import optuna
 import torch
 
+import harness
 from abliterate.measure.ablation import ablate, plan_edits
 from abliterate.core.settings import SearchSpace
 from abliterate.measure.directions import measure_directions
@@ -48,8 +48,8 @@ def random_model(folder: str) -> str:
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args():
+    parser = harness.parser(__doc__)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--tune-prompts", type=int, default=48)
@@ -63,7 +63,11 @@ def main():
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-packed", dest="packed", action="store_false",
                         help="trials through the plain linear modules (run packs them on a CPU in float32, packed.py)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     loaded = load_model(random_model(args.model) if args.random_init else args.model, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:64],
@@ -115,18 +119,39 @@ def main():
               f"generation {t_gen - t_kl:.1f}, of which verdicts {judging:.2f}; first edited layer {first_edited}); without reuse {no_reuse:.1f} s; "
               f"floor {floor:.1f} s; refusals {result.refusals}/{len(harmful)}, KL {kl:.3f}, "
               f"decode tokens saved {result.tokens_saved}")
+    report(args, loaded, judge, rows, decodes, other_seconds, same_answers, len(harmful))
+
+
+def report(args, loaded, judge, rows: list[tuple], decodes: list[str], other_seconds: list[float], same_answers: int,
+           n_prompts: int) -> None:
+    """The means over the trials, printed and recorded ("trial"; "decode" when two decodings were compared)."""
     total = sum(r[0] + r[1] + r[2] for r in rows) / len(rows)
     floor = sum(r[3] for r in rows) / len(rows)
     no_reuse = sum(r[4] for r in rows) / len(rows)
     print(f"model {args.model} ({loaded.dtype}), {torch.get_num_threads()} threads, judge {judge.name}, "
           f"{args.tune_prompts}+{args.tune_prompts} prompts, {args.max_new_tokens} new tokens: {total:.1f} s per trial "
-          f"({no_reuse:.1f} s without prefix reuse: {no_reuse / total:.2f}x), floor {floor:.1f} s: {total / floor:.2f}x "
-          f"the floor; {3600 / total:.0f} trials/hour")
-    if other_seconds:
-        generation = sum(r[2] for r in rows) / len(rows)
-        other = sum(other_seconds) / len(other_seconds)
-        print(f"generation per trial: decode={decodes[0]} {generation:.2f} s, decode={decodes[1]} {other:.2f} s "
-              f"({generation / other:.2f}x); identical answers {same_answers}/{len(rows) * len(harmful)}")
+          f"({no_reuse:.1f} s without prefix reuse: {harness.ratio(no_reuse, total):.2f}x), floor {floor:.1f} s: "
+          f"{harness.ratio(total, floor):.2f}x the floor; {3600 / total:.0f} trials/hour")
+    figures = {"model": args.model, "dtype": str(loaded.dtype), "judge": judge.name, "trials": len(rows),
+               "tune_prompts": args.tune_prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+               "packed": args.packed, "random_init": args.random_init, "seconds_per_trial": total,
+               "seconds_without_reuse": no_reuse, "reuse_speedup": harness.ratio(no_reuse, total),
+               "floor_seconds": floor, "times_floor": harness.ratio(total, floor), "trials_per_hour": 3600 / total}
+    headline = (f"{total:.1f} s per trial, {harness.ratio(total, floor):.2f}x the forward-pass floor ({floor:.1f} s); "
+                f"{3600 / total:.0f} trials/hour")
+    if not other_seconds:
+        harness.record("trial", figures, title="search trial against its floor", headline=headline, path=args.json)
+        return
+    generation = sum(r[2] for r in rows) / len(rows)
+    other = sum(other_seconds) / len(other_seconds)
+    answers = len(rows) * n_prompts
+    print(f"generation per trial: decode={decodes[0]} {generation:.2f} s, decode={decodes[1]} {other:.2f} s "
+          f"({harness.ratio(generation, other):.2f}x); identical answers {same_answers}/{answers}")
+    figures.update(decode=decodes, generation_seconds={decodes[0]: generation, decodes[1]: other},
+                   decode_speedup=harness.ratio(generation, other), identical_answers=same_answers, answers=answers)
+    harness.record("decode", figures, title="fixed-shape decoding", path=args.json,
+                   headline=f"identical answers {same_answers}/{answers}; generation with {decodes[1]} "
+                            f"{harness.ratio(generation, other):.2f}x as fast as {decodes[0]}")
 
 
 if __name__ == "__main__":
