@@ -17,12 +17,13 @@ from abliterate.core.load import load_model
 from abliterate.core.prompts import format_prompts, load_prompts
 from abliterate.measure.ablation import AblationParams, ablate, plan_edits
 from abliterate.measure.directions import measure_directions
+from abliterate.measure.engines.transformers import TransformersEngine
 from abliterate.measure.evaluate import measure_refusals
 
 
 def compare(label, loaded, prompts, judge, args) -> dict:
     timings = harness.alternate({
-        name: lambda early=early: measure_refusals(loaded.model, loaded.tokenizer, prompts, judge, args.max_new_tokens,
+        name: lambda early=early: measure_refusals(TransformersEngine(loaded.model, loaded.tokenizer), prompts, judge, args.max_new_tokens,
                                                    args.batch_size, early_stop=early)
         for name, early in (("full length", False), ("early decision", True))
     }, repeats=1)

@@ -31,6 +31,7 @@ from abliterate.measure.engines.prefix import PrefixCache
 from abliterate.core.load import load_model
 from abliterate.core.prompts import format_prompts, load_prompts
 from abliterate.search.study import suggest_params
+from abliterate.measure.engines.transformers import TransformersEngine
 
 
 def random_model(folder: str) -> str:
@@ -70,11 +71,12 @@ def main():
     args = parse_args()
     loaded = load_model(random_model(args.model) if args.random_init else args.model, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
+    engine = TransformersEngine(model, tokenizer)
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:64],
                                     load_prompts("harmless", split="train")[:64]).directions
     harmful = format_prompts(tokenizer, load_prompts("harmful", split="tune")[: args.tune_prompts])
     benign = format_prompts(tokenizer, load_prompts("harmless", split="tune")[: args.tune_prompts])
-    baseline = Baseline.measure(model, tokenizer, benign, kl_tokens=0, batch_size=args.batch_size)
+    baseline = Baseline.measure(engine, benign, kl_tokens=0, batch_size=args.batch_size)
     judge = get_judge(args.judge)
     harmful_prefix = PrefixCache()
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
@@ -88,20 +90,20 @@ def main():
         first_edited = min((edit.component.layer for edit in edits), default=loaded.adapter.n_layers)
         with packed_linears(model, enabled=args.packed), ablate(edits, params.norm_preserving):
             t_plan = time.perf_counter()
-            kl = baseline.kl(model, tokenizer, args.batch_size, first_edited)
+            kl = baseline.kl(engine, args.batch_size, first_edited)
             t_kl = time.perf_counter()
-            result = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
+            result = measure_refusals(engine, harmful, judge, args.max_new_tokens, args.batch_size,
                                       first_edited_layer=first_edited, prefix=harmful_prefix, decode=decodes[0])
             t_gen = time.perf_counter()
             judge_refusals(judge, result.responses)  # the verdicts alone, as measure_refusals ends with them
             judging = time.perf_counter() - t_gen
             t_gen_end = time.perf_counter()
-            baseline.kl(model, tokenizer, args.batch_size)  # the same trial without prefix reuse
-            measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size)
+            baseline.kl(engine, args.batch_size)  # the same trial without prefix reuse
+            measure_refusals(engine, harmful, judge, args.max_new_tokens, args.batch_size)
             no_reuse = time.perf_counter() - t_gen_end + (t_plan - start)
             if len(decodes) > 1:  # the same generation with the other decoding
                 t_other = time.perf_counter()
-                other = measure_refusals(model, tokenizer, harmful, judge, args.max_new_tokens, args.batch_size,
+                other = measure_refusals(engine, harmful, judge, args.max_new_tokens, args.batch_size,
                                          first_edited_layer=first_edited, prefix=harmful_prefix, decode=decodes[1])
                 other_seconds.append(time.perf_counter() - t_other)
                 same_answers += sum(a == b for a, b in zip(result.responses, other.responses))
@@ -110,7 +112,7 @@ def main():
         decode_tokens = result.tokens_generated
         # The floor: the same number of prompt and decode tokens through the bare model, no hooks, no judge.
         floor_start = time.perf_counter()
-        baseline.kl(model, tokenizer, args.batch_size)
+        baseline.kl(engine, args.batch_size)
         generate(model, tokenizer, harmful, max(1, round(decode_tokens / len(harmful))), args.batch_size, decode="dynamic")
         floor = time.perf_counter() - floor_start
         study.tell(trial, [result.refusals, kl])
