@@ -52,6 +52,7 @@ class Checkpoint:
     reference: str
     revision: str | None
     folder: Path
+    config: object  # the model's transformers config
     weight_map: dict[str, str]
     has_index: bool
 
@@ -95,46 +96,63 @@ def _snapshot_folder(reference: str, revision: str | None) -> Path | None:
         return None
 
 
-def _weight_map(folder: Path) -> tuple[dict[str, str], bool]:
+def _weight_map(folder: Path) -> tuple[dict[str, str], bool] | None:
+    """Tensor name → shard file, and whether an index lists them; None without (complete) safetensors weights."""
     index = folder / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{index} is not a safetensors index ({error})") from None
-        missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
-        if missing:
-            raise NotShardable(f"{folder} lacks the shards {', '.join(missing)} its index names")
+        if not all((folder / shard).is_file() for shard in weight_map.values()):
+            return None  # a partial download
         return weight_map, True
     if (folder / SINGLE_FILE).is_file():
         return {name: SINGLE_FILE for name in read_layout(folder / SINGLE_FILE).entries}, False
-    raise NotShardable(f"{folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
+    return None
 
 
-def open_checkpoint(reference: str, revision: str | None = None) -> Checkpoint:
-    """A model folder, the bundled alias, or a hub id already in the local HF cache, with safetensors weights."""
+def _model_folder(reference: str, revision: str | None) -> Path | None:
     source = resolve(reference, revision)
     if source.gguf_file:
-        raise NotShardable(f"{reference} is a GGUF file; shard-wise bake reads safetensors")
-    folder = Path(source.path) if source.is_local else _snapshot_folder(reference, revision)
-    if folder is None:
-        raise NotShardable(f"{reference} is not in the local Hugging Face cache; download it first "
-                           f"(huggingface-cli download {reference})")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json; give a Hugging Face model directory")
-    weight_map, has_index = _weight_map(folder)
-    return Checkpoint(reference, revision, folder, weight_map, has_index)
+        return None
+    return Path(source.path) if source.is_local else _snapshot_folder(reference, revision)
+
+
+def find_checkpoint(reference: str, revision: str | None = None, trust_remote_code: bool = False) -> Checkpoint | None:
+    """The safetensors checkpoint of a model folder, the bundled alias, or a hub id complete in the local HF cache;
+    None where there is none (a GGUF, other weight formats, not downloaded). Unsupported architecture → UserError."""
+    from transformers import AutoConfig
+
+    folder = _model_folder(reference, revision)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the model config in {folder} ({str(error).splitlines()[0]})") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    family_for(text_config.model_type)  # unsupported architecture: one line, before any weights are looked at
+    found = _weight_map(folder)
+    return None if found is None else Checkpoint(reference, revision, folder, config, *found)
+
+
+def open_checkpoint(reference: str, revision: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
+    """`find_checkpoint`, or one line saying why there is none."""
+    checkpoint = find_checkpoint(reference, revision, trust_remote_code)
+    if checkpoint is None:
+        raise UserError(f"{reference} has no safetensors checkpoint on disk (model.safetensors or {INDEX_FILE}, "
+                        "complete); shard-wise bake reads a model folder or a hub id in the local cache")
+    return checkpoint
 
 
 def _skeleton(checkpoint: Checkpoint, trust_remote_code: bool):
     """The model without weights (meta device), from config.json alone: module names and shapes."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=trust_remote_code)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    family_for(text_config.model_type)  # unsupported architecture: one line, before anything else
+    config = checkpoint.config
     if getattr(config, "quantization_config", None):
         raise NotShardable(f"{checkpoint.reference} is quantized; shard-wise bake edits float weights only")
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -272,6 +290,6 @@ def shard_bake(reference: str, refusal: Directions, params: AblationParams, outp
                trust_remote_code: bool = False) -> ShardPlan:
     """Bake `params` with `refusal` into the safetensors checkpoint `reference` and write it to `output`."""
     check_output_dir(output)
-    plan = plan_shard_edits(open_checkpoint(reference, revision), refusal, params, trust_remote_code)
+    plan = plan_shard_edits(open_checkpoint(reference, revision, trust_remote_code), refusal, params, trust_remote_code)
     write_baked(plan, output, extra_files, on_shard)
     return plan
