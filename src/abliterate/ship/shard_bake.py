@@ -159,7 +159,9 @@ def _skeleton(checkpoint: Checkpoint, trust_remote_code: bool):
         raise NotShardable(f"{checkpoint.reference} is not a plain causal LM (its checkpoint names differ from the "
                            "model's); shard-wise bake does not map them")
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as loading would (from_config leaves a meta model untied in transformers 5.25)
+    return model
 
 
 def _stored_name(name: str, weight_map: dict[str, str], base_prefix: str) -> str | None:
