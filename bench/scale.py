@@ -2,7 +2,7 @@
 
 1. Builds (or reuses) a random-weight Llama-3.1-8B (the published config, bf16, ~5 GB shards: 16 GB; bench/synthetic.py)
    and bakes a one-direction ablation into it shard by shard in a child process: wall time and the child's peak RSS
-   (os.wait4's ru_maxrss: the child alone, whatever ran before). Target: peak RSS <= 3 GB.
+   (its VmHWM: its own address space alone, whatever ran before). Target: peak RSS <= 3 GB.
 2. On a smaller model — Qwen2.5-3B's widths and vocabulary with --identity-layers layers (0: all 36), in ~0.5 GB shards —
    bakes the same way shard-wise and in memory (`load_model` + `bake` + `save_hf`), each in a child, and compares every
    stored tensor byte for byte.
@@ -10,7 +10,8 @@
 Prints one JSON object and writes it to bench/results/scale.json. Models live under --work (default /work/synth);
 the baked outputs are deleted, the synthetic bases kept for reruns (--clean deletes them too).
 
-    python bench/scale.py [--work /work/synth] [--identity-layers 4] [--norm-preserving] [--clean]
+    python bench/scale.py [--work /work/synth] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--clean]
+                          [--result scale.json]
 """
 
 from __future__ import annotations
@@ -31,12 +32,26 @@ sys.path.insert(0, str(HERE))
 
 
 def measured(command: list[str]) -> dict:
-    """Run `command` as a child: wall seconds, its own peak RSS (GB), exit status. The one place that times things."""
+    """Run `command` as a child: wall seconds, its peak RSS (GB), exit status. The one place that times things.
+
+    Peak RSS is the child's VmHWM (/proc/PID/status, the high-water mark of its own address space since exec), read
+    every 50 ms until it exits: monotonic, so the last reading is the peak. Not getrusage/wait4's ru_maxrss: on Linux
+    that also counts the parent's RSS at fork, which exec carries over."""
     start = time.perf_counter()
     child = subprocess.Popen(command)
-    _, status, usage = os.wait4(child.pid, 0)
+    status_file, peak_kb = Path(f"/proc/{child.pid}/status"), 0
+    while True:
+        pid, status, _ = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            line = next(x for x in status_file.read_text().splitlines() if x.startswith("VmHWM:"))
+            peak_kb = max(peak_kb, int(line.split()[1]))
+        except (OSError, StopIteration):  # exiting: the mapping is already gone
+            pass
+        time.sleep(0.05)
     child.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
             "exit": child.returncode}
 
 
@@ -133,6 +148,7 @@ def main() -> None:
     parser.add_argument("--norm-preserving", action="store_true")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--clean", action="store_true", help="delete the synthetic bases afterwards")
+    parser.add_argument("--result", default="scale.json", help="file name under bench/results/")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -165,7 +181,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "scale.json").write_text(text + "\n")
+    (HERE / "results" / args.result).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -137,9 +137,9 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
         check_output_dir(output)
     params = ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
-    if not gguf_out and (edits := apply_shard_wise(model, revision, dtype, trust_remote_code, refusal, params, output,
-                                                   directions_file, status, _stderr)) is not None:
-        click.echo(f"wrote {output}: {edits} component edits baked shard by shard into the stored weights")
+    if not gguf_out and (plan := apply_shard_wise(model, revision, dtype, trust_remote_code, refusal, params, output,
+                                                  directions_file, status, _stderr)) is not None:
+        click.echo(f"wrote {output}: {plan.edit_count} component edits baked into {plan.model_type} weights, shard by shard")
         return
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
     if not gguf_out:

@@ -14,7 +14,7 @@ from typing import Callable, ContextManager
 from abliterate.core.save import save_hf
 from abliterate.core.settings import APPLY_DTYPE
 from abliterate.measure.ablation import bake, plan_edits
-from abliterate.ship.shard_bake import NotShardable, find_checkpoint, plan_shard_edits, write_baked
+from abliterate.ship.shard_bake import NotShardable, ShardPlan, find_checkpoint, plan_shard_edits, write_baked
 from abliterate.ship.gguf_edit import edited_parameters, write_edited_gguf
 
 Status = Callable[[str], ContextManager]
@@ -49,9 +49,9 @@ def apply_to_hf(loaded, refusal, params, output: str, directions_file: str,
 
 def apply_shard_wise(model: str, revision, dtype: str, trust_remote_code: bool, refusal, params, output: str,
                      directions_file: str, status: Status = lambda message: contextlib.nullcontext(),
-                     note=lambda line: None) -> int | None:
-    """Bake shard by shard when `model` is a safetensors checkpoint on disk edited as stored; the number of
-    component edits, or None when it is not (then load it and use `apply_to_hf`). `note` hears why not."""
+                     note=lambda line: None) -> ShardPlan | None:
+    """Bake shard by shard when `model` is a safetensors checkpoint on disk edited as stored; what was baked, or
+    None when it is not (then load it and use `apply_to_hf`). `note` hears why not, where a checkpoint was found."""
     if dtype != APPLY_DTYPE:
         return None  # another dtype means converting every tensor: the loaded model does that
     try:
@@ -65,7 +65,7 @@ def apply_shard_wise(model: str, revision, dtype: str, trust_remote_code: bool, 
         return None
     record = _record(model, revision, refusal, params, directions_file, plan.edit_count)
     write_baked(plan, output, {"abliteration.json": record}, on_shard=lambda step: status(step.describe()))
-    return plan.edit_count
+    return plan
 
 
 def apply_to_gguf(loaded, refusal, params, output: str, status: Status = lambda message: contextlib.nullcontext()):
