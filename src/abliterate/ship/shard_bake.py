@@ -27,7 +27,8 @@ import torch
 
 from abliterate.core.arch import adapter_for, family_for
 from abliterate.core.load import resolve
-from abliterate.core.safetensors_file import FLOAT_DTYPES, Layout, read_layout, read_tensor, write_tensor, copy_range
+from abliterate.core.safetensors_file import (DTYPE_NAMES, FLOAT_DTYPES, Layout, copy_range, read_layout, read_tensor,
+                                              write_tensor)
 from abliterate.core.save import check_output_dir
 from abliterate.errors import UserError
 from abliterate.measure.ablation import AblationParams, TensorEdit, edited_tensor, plan_edits, tensor_edits
@@ -188,11 +189,15 @@ def _read_vectors(model, checkpoint: Checkpoint, layouts: dict[str, Layout]) -> 
                 setattr(model.get_submodule(module_path), leaf, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def _check_stored(name: str, operation: TensorEdit, layout: Layout) -> None:
+def _check_stored(name: str, operation: TensorEdit, layout: Layout, config) -> None:
+    """The stored tensor is what loading would hold: same shape, a float type, and the config's dtype where it names
+    one (loading "as stored" converts to the config's dtype: the in-memory bake would then edit another dtype)."""
     entry = layout.entries[name]
-    if entry.dtype not in FLOAT_DTYPES or entry.shape != tuple(operation.parameter.shape):
-        raise NotShardable(f"tensor {name} is stored as {entry.dtype} {list(entry.shape)}, the model's parameter is "
-                           f"{list(operation.parameter.shape)}; shard-wise bake edits tensors stored as the model holds them")
+    config_dtype = getattr(config, "dtype", None)
+    expected = DTYPE_NAMES.get(config_dtype, entry.dtype) if isinstance(config_dtype, torch.dtype) else entry.dtype
+    if entry.dtype not in FLOAT_DTYPES or entry.dtype != expected or entry.shape != tuple(operation.parameter.shape):
+        raise NotShardable(f"tensor {name} is stored as {entry.dtype} {list(entry.shape)}, the model loads it as "
+                           f"{expected} {list(operation.parameter.shape)}; shard-wise bake edits tensors as stored")
 
 
 def plan_shard_edits(checkpoint: Checkpoint, refusal: Directions, params: AblationParams,
@@ -214,7 +219,7 @@ def plan_shard_edits(checkpoint: Checkpoint, refusal: Directions, params: Ablati
         if stored is None:
             raise NotShardable(f"{names[id(operation.parameter)]} is not in the checkpoint under that name "
                                "(transformers renames this model's weights when loading); shard-wise bake cannot map it")
-        _check_stored(stored, operation, layouts[checkpoint.weight_map[stored]])
+        _check_stored(stored, operation, layouts[checkpoint.weight_map[stored]], checkpoint.config)
         plan.operations.setdefault(stored, []).append(operation)
     return plan
 
