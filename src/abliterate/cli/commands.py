@@ -34,7 +34,7 @@ from abliterate.measure.prompt_directions import FILTER_NEW_TOKENS, directions_f
 from abliterate.search.run import check_exports, run, ship
 from abliterate.search.study import check_pick_rule
 from abliterate.ship import publish
-from abliterate.ship.apply import apply_to_gguf, apply_to_hf
+from abliterate.ship.apply import apply_shard_wise, apply_to_gguf, apply_to_hf
 from abliterate.core.save import check_output_dir
 from abliterate.ship.gguf_check import check_gguf
 from abliterate.ship.gguf_export import check_quant, convert
@@ -137,6 +137,10 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
         check_output_dir(output)
     params = ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
+    if not gguf_out and (plan := apply_shard_wise(model, revision, dtype, trust_remote_code, refusal, params, output,
+                                                  directions_file, status, _stderr)) is not None:
+        click.echo(f"wrote {output}: {plan.edit_count} component edits baked into {plan.model_type} weights, shard by shard")
+        return
     loaded = _load(model, revision, dtype, device_map, trust_remote_code)
     if not gguf_out:
         edits = apply_to_hf(loaded, refusal, params, output, directions_file, status)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from abliterate.core.arch import COMPONENT_KINDS, Adapter, Component, Writer
+from abliterate.core.arch import COMPONENT_KINDS, Adapter, Component
 from abliterate.errors import UserError
 
 
@@ -168,15 +168,38 @@ def preserve_norms(original: torch.Tensor, edited: torch.Tensor, hidden_axis: in
     return edited * (original_norm / edited_norm)
 
 
-def edited_tensors(writer: Writer, u: torch.Tensor, strength: float, norm_preserving: bool):
-    """(new weight, new bias or None) for one writer, in the writer's dtype."""
-    weight = writer.weight_param.data
-    new_weight = project_out(weight, u, strength, writer.hidden_axis)
+def edited_tensor(original: torch.Tensor, u: torch.Tensor, strength: float, hidden_axis: int,
+                  norm_preserving: bool = False) -> torch.Tensor:
+    """W' = W − strength·u(uᵀW), optionally norm-preserving, computed in float32 and returned in W's dtype.
+
+    The one place an edited tensor is made from its original: `bake` (in memory) and the shard-wise bake
+    (ship/shard_bake.py) both call it, so their results are equal bit for bit."""
+    edited = project_out(original, u, strength, hidden_axis)
     if norm_preserving:
-        new_weight = preserve_norms(weight, new_weight, writer.hidden_axis)
-    bias = writer.bias_param
-    new_bias = None if bias is None else project_out(bias.data, u, strength, -1).to(bias.dtype)
-    return new_weight.to(weight.dtype), new_bias
+        edited = preserve_norms(original, edited, hidden_axis)
+    return edited.to(original.dtype)
+
+
+@dataclass
+class TensorEdit:
+    """One tensor a plan changes (a writer's weight or bias) and how: `edited_tensor(tensor, u, strength, ...)`."""
+
+    parameter: torch.nn.Parameter
+    u: torch.Tensor
+    strength: float
+    hidden_axis: int
+    norm_preserving: bool
+
+
+def tensor_edits(edits: list[Edit], norm_preserving: bool = False) -> list[TensorEdit]:
+    """The edits as tensor operations, in the order `bake` performs them (a bias is never norm-preserved)."""
+    operations = []
+    for edit in edits:
+        for writer in edit.component.writers:
+            operations.append(TensorEdit(writer.weight_param, edit.u, edit.weight, writer.hidden_axis, norm_preserving))
+            if writer.bias_param is not None:
+                operations.append(TensorEdit(writer.bias_param, edit.u, edit.weight, -1, False))
+    return operations
 
 
 # --- (b) bake into the weights ---------------------------------------------------------------------
@@ -185,12 +208,10 @@ def edited_tensors(writer: Writer, u: torch.Tensor, strength: float, norm_preser
 @torch.no_grad()
 def bake(edits: list[Edit], norm_preserving: bool = False) -> None:
     """Write the edits into the weights, in place."""
-    for edit in edits:
-        for writer in edit.component.writers:
-            new_weight, new_bias = edited_tensors(writer, edit.u, edit.weight, norm_preserving)
-            writer.weight_param.data.copy_(new_weight)
-            if new_bias is not None:
-                writer.bias_param.data.copy_(new_bias)
+    for operation in tensor_edits(edits, norm_preserving):
+        tensor = operation.parameter.data
+        tensor.copy_(edited_tensor(tensor, operation.u, operation.strength, operation.hidden_axis,
+                                   operation.norm_preserving))
 
 
 # --- (a) reversible, in memory ----------------------------------------------------------------------
@@ -223,12 +244,11 @@ class Ablation:
 
     @torch.no_grad()
     def _swap(self, edit: Edit) -> None:
-        for writer in edit.component.writers:
-            new_weight, new_bias = edited_tensors(writer, edit.u, edit.weight, norm_preserving=True)
-            for param, new in ((writer.weight_param, new_weight), (writer.bias_param, new_bias)):
-                if new is not None:
-                    self._swapped.append((param, param.data))
-                    param.data = new
+        for operation in tensor_edits([edit], norm_preserving=True):
+            param = operation.parameter
+            self._swapped.append((param, param.data))
+            param.data = edited_tensor(param.data, operation.u, operation.strength, operation.hidden_axis,
+                                       operation.norm_preserving)
 
     def remove(self) -> None:
         for handle in self._hooks:

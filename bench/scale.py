@@ -1,0 +1,191 @@
+"""Shard-wise bake at scale: peak memory on a synthetic Llama-3.1-8B, and bit-identity with the in-memory bake.
+
+1. Builds (or reuses) a random-weight Llama-3.1-8B (the published config, bf16, ~5 GB shards: 16 GB; bench/synthetic.py)
+   and bakes a one-direction ablation into it shard by shard in a child process: wall time and the child's peak RSS
+   (its VmHWM: its own address space alone, whatever ran before). Target: peak RSS <= 3 GB.
+2. On a smaller model — Qwen2.5-3B's widths and vocabulary with --identity-layers layers (0: all 36), in ~0.5 GB shards —
+   bakes the same way shard-wise and in memory (`load_model` + `bake` + `save_hf`), each in a child, and compares every
+   stored tensor byte for byte.
+
+Prints one JSON object and writes it to bench/results/scale.json. Models live under --work (default /work/synth);
+the baked outputs are deleted, the synthetic bases kept for reruns (--clean deletes them too).
+
+    python bench/scale.py [--work /work/synth] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--clean]
+                          [--result scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def measured(command: list[str]) -> dict:
+    """Run `command` as a child: wall seconds, its peak RSS (GB), exit status. The one place that times things.
+
+    Peak RSS is the child's VmHWM (/proc/PID/status, the high-water mark of its own address space since exec), read
+    every 50 ms until it exits: monotonic, so the last reading is the peak. Not getrusage/wait4's ru_maxrss: on Linux
+    that also counts the parent's RSS at fork, which exec carries over."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command)
+    status_file, peak_kb = Path(f"/proc/{child.pid}/status"), 0
+    while True:
+        pid, status, _ = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            line = next(x for x in status_file.read_text().splitlines() if x.startswith("VmHWM:"))
+            peak_kb = max(peak_kb, int(line.split()[1]))
+        except (OSError, StopIteration):  # exiting: the mapping is already gone
+            pass
+        time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
+            "exit": child.returncode}
+
+
+def cpu() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor())
+    return f"{name}, {os.cpu_count()} cores" + (", AMX" if "amx_tile" in info else "")
+
+
+def synthetic_model(config_name: str, folder: Path, layers: int | None, shard_gb: float) -> Path:
+    """Build once; a folder with a complete index (or single file) and config is reused."""
+    import synthetic
+
+    if (folder / "config.json").exists():
+        return folder
+    print(f"building {folder} ...", file=sys.stderr)
+    config = synthetic.load_config(synthetic.CONFIGS / f"{config_name}.json", layers=layers)
+    return synthetic.build(config, folder, shard_gb=shard_gb)
+
+
+def directions_for(model: Path, path: Path):
+    import torch
+
+    from abliterate.measure.directions import Directions
+
+    config = json.loads((model / "config.json").read_text())
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.randn(config["num_hidden_layers"], config["hidden_size"], generator=generator)
+    Directions(torch.nn.functional.normalize(unit, dim=-1), metadata={"model": str(model)}).save(path)
+    return path, config["num_hidden_layers"]
+
+
+def bake_in_child(how: str, model: Path, directions: Path, out: Path, layer: float, norm_preserving: bool) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, __file__, "child", how, str(model), str(directions), str(out), str(layer)]
+    return measured(command + (["--norm-preserving"] if norm_preserving else []))
+
+
+def child(how: str, model: str, directions: str, out: str, layer: str, norm_preserving: bool) -> None:
+    """What the measured child does: one bake, shard-wise or loaded in memory."""
+    from abliterate.measure.ablation import AblationParams, bake, plan_edits
+    from abliterate.measure.directions import Directions
+
+    params = AblationParams.single_direction(float(layer), 1.0, norm_preserving=norm_preserving)
+    refusal = Directions.load(directions)
+    if how == "shard-wise":
+        from abliterate.ship.shard_bake import shard_bake
+
+        def step(s):
+            print(s.describe(), file=sys.stderr, flush=True)
+            return contextlib.nullcontext()
+
+        shard_bake(model, refusal, params, out, on_shard=step)
+    else:
+        from abliterate.core.load import load_model
+        from abliterate.core.save import save_hf
+
+        loaded = load_model(model, dtype="checkpoint")
+        bake(plan_edits(loaded.adapter, refusal.fitted_to(loaded.adapter).directions, params), norm_preserving)
+        save_hf(loaded.model, loaded.tokenizer, out)
+
+
+def compare(base: Path, shard_wise: Path, in_memory: Path) -> dict:
+    """Every tensor of both outputs byte for byte, one tensor at a time; how many the edit changed."""
+    from safetensors import safe_open
+
+    def locations(folder: Path) -> dict[str, Path]:
+        return {name: shard for shard in sorted(folder.glob("*.safetensors")) for name in safe_open(shard, "pt").keys()}
+
+    ours, theirs, original = locations(shard_wise), locations(in_memory), locations(base)
+    differing, edited = [], 0
+    for name, shard in ours.items():
+        with safe_open(shard, "pt") as a, safe_open(theirs[name], "pt") as b, safe_open(original[name], "pt") as c:
+            mine = a.get_tensor(name)
+            if not _bytes_equal(mine, b.get_tensor(name)):
+                differing.append(name)
+            edited += not _bytes_equal(mine, c.get_tensor(name))
+    return {"tensors": len(ours), "same_names": ours.keys() == theirs.keys(), "differing": differing,
+            "bit_identical": not differing and ours.keys() == theirs.keys(), "edited_tensors": edited}
+
+
+def _bytes_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                              b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", default="/work/synth")
+    parser.add_argument("--identity-layers", type=int, default=4, help="layers of the Qwen2.5-3B-wide model; 0: all 36")
+    parser.add_argument("--norm-preserving", action="store_true")
+    parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--clean", action="store_true", help="delete the synthetic bases afterwards")
+    parser.add_argument("--result", default="scale.json", help="file name under bench/results/")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"cpu": cpu(), "norm_preserving": args.norm_preserving}
+
+    if not args.skip_8b:
+        big = synthetic_model("llama-3.1-8b-instruct", work / "llama-3.1-8b", None, 5.0)
+        directions, layers = directions_for(big, work / "llama-3.1-8b.directions.safetensors")
+        run = bake_in_child("shard-wise", big, directions, work / "llama-3.1-8b-baked", 0.65 * (layers - 1),
+                            args.norm_preserving)
+        size = sum(p.stat().st_size for p in big.glob("*.safetensors"))
+        result["llama-3.1-8b shard-wise"] = {**run, "model_gb": round(size / 1e9, 2),
+                                             "shards": len(list(big.glob("*.safetensors"))),
+                                             "target_peak_rss_gb": 3.0, "within_target": run["peak_rss_gb"] <= 3.0}
+        shutil.rmtree(work / "llama-3.1-8b-baked", ignore_errors=True)
+
+    name = f"qwen2.5-3b-{args.identity_layers or 36}l"
+    small = synthetic_model("qwen2.5-3b-instruct", work / name, args.identity_layers or None, 0.5)
+    directions, layers = directions_for(small, work / f"{name}.directions.safetensors")
+    runs = {how: bake_in_child(how, small, directions, work / f"{name}-{how}", 0.65 * (layers - 1), args.norm_preserving)
+            for how in ("shard-wise", "in-memory")}
+    result[f"{name} identity"] = {**{f"{how} {k}": v for how, run in runs.items() for k, v in run.items()},
+                                  **compare(small, work / f"{name}-shard-wise", work / f"{name}-in-memory")}
+    for how in runs:
+        shutil.rmtree(work / f"{name}-{how}", ignore_errors=True)
+    if args.clean:
+        for path in (work / "llama-3.1-8b", work / name):
+            shutil.rmtree(path, ignore_errors=True)
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / args.result).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child(*sys.argv[2:7], norm_preserving="--norm-preserving" in sys.argv)
+    else:
+        main()
