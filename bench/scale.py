@@ -7,20 +7,18 @@
    bakes the same way shard-wise and in memory (`load_model` + `bake` + `save_hf`), each in a child, and compares every
    stored tensor byte for byte.
 
-Prints one JSON object and writes it to bench/results/scale.json. Models live under --work (default /work/synth);
-the baked outputs are deleted, the synthetic bases kept for reruns (--clean deletes them too).
+Records through the harness (bench/results/scale.json, or scale-norm-preserving.json). Models live under --work
+(default ~/.cache/abliterate-bench/synth); the baked outputs are deleted, the synthetic bases kept for reruns (--clean
+deletes them too).
 
-    python bench/scale.py [--work /work/synth] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--clean]
-                          [--result scale.json]
+    python bench/scale.py [--work DIR] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--clean]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 
 
 def measured(command: list[str]) -> dict:
@@ -53,13 +52,6 @@ def measured(command: list[str]) -> dict:
     child.returncode = os.waitstatus_to_exitcode(status)
     return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
             "exit": child.returncode}
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor())
-    return f"{name}, {os.cpu_count()} cores" + (", AMX" if "amx_tile" in info else "")
 
 
 def synthetic_model(config_name: str, folder: Path, layers: int | None, shard_gb: float) -> Path:
@@ -142,17 +134,16 @@ def _bytes_equal(a, b) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", default="/work/synth")
+    parser = harness.parser(__doc__)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "abliterate-bench" / "synth")
     parser.add_argument("--identity-layers", type=int, default=4, help="layers of the Qwen2.5-3B-wide model; 0: all 36")
     parser.add_argument("--norm-preserving", action="store_true")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--clean", action="store_true", help="delete the synthetic bases afterwards")
-    parser.add_argument("--result", default="scale.json", help="file name under bench/results/")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"cpu": cpu(), "norm_preserving": args.norm_preserving}
+    result = {"norm_preserving": args.norm_preserving}
 
     if not args.skip_8b:
         big = synthetic_model("llama-3.1-8b-instruct", work / "llama-3.1-8b", None, 5.0)
@@ -178,11 +169,12 @@ def main() -> None:
         for path in (work / "llama-3.1-8b", work / name):
             shutil.rmtree(path, ignore_errors=True)
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / args.result).write_text(text + "\n")
-
+    big_run = result.get("llama-3.1-8b shard-wise", {})
+    identity = result[f"{name} identity"]
+    headline = (f"8B shard-wise bake peak RSS {big_run.get('peak_rss_gb', '-')} GB (target 3); "
+                f"{name}: bit-identical {identity.get('bit_identical')}")
+    harness.record("scale-norm-preserving" if args.norm_preserving else "scale", result, title="shard-wise bake at scale",
+                   headline=headline, path=args.json)
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child":
