@@ -38,6 +38,11 @@ class Engine(Protocol):
     name: str
     tokenizer: object  # the Hugging Face tokenizer the prompts were formatted with
 
+    @classmethod
+    def from_loaded(cls, loaded) -> "Engine":
+        """The engine for a model `abliterate.core.load.load_model` loaded (it may load its own copy from the same
+        weights, as vLLM does)."""
+
     def ablated(self, edits: list, norm_preserving: bool) -> AbstractContextManager:
         """The ablation applied for the duration of a `with` block, then removed exactly."""
 

@@ -10,6 +10,7 @@ from typing import Callable, ContextManager
 from abliterate.core.prompts import BUNDLED_SETS, load_prompts
 from abliterate.core.settings import MeasureSettings
 from abliterate.errors import UserError
+from abliterate.measure.engines import engine_name
 from abliterate.measure.evaluate import perplexity
 from abliterate.measure.workbench import PromptSplits, Workbench
 
@@ -76,8 +77,8 @@ def evaluate_model(settings: MeasureSettings, *, base: str | None = None, harmfu
 
 def _open(model: str, revision: str | None, prompts: PromptSplits, settings: MeasureSettings,
           status: Status) -> Workbench:
-    with status(f"loading {model}"):
+    with status(f"loading {model} (engine: {engine_name(settings.engine)})"):
         return Workbench.open(model, prompts, settings.judge, settings.dtype, settings.device_map, revision,
-                              settings.trust_remote_code, batch_size=settings.batch_size or 16,
+                              settings.trust_remote_code, settings.engine, batch_size=settings.batch_size or 16,
                               max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
                               system_prompt=settings.system_prompt)

@@ -178,7 +178,7 @@ def _run_settings(model, output, config_file, resume, export_targets, flags) -> 
 @schema_options(RunSettings, "trials", "startup_trials", "seed", "pick", unset=True)
 @click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
 @schema_options(RunSettings, "harmful", "harmless", "column", "tune_prompts", "eval_prompts", "max_new_tokens", "judge",
-                "dtype", "device_map", "revision", "trust_remote_code", "name", unset=True)
+                "engine", "dtype", "device_map", "revision", "trust_remote_code", "name", unset=True)
 @click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
 @schema_options(RunSettings, "quant", unset=True)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR with the settings it was started with "
@@ -221,7 +221,7 @@ def _upload(output: str, repo: str) -> None:
 @schema_options(PromptSettings, "harmful", "harmless", "column")
 @click.option("--split", default=None, help="train/tune/eval (default: eval for the bundled sets, every prompt of a file).")
 @click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
-@schema_options(MeasureSettings, "max_new_tokens", "kl_tokens", "judge", "system_prompt")
+@schema_options(MeasureSettings, "max_new_tokens", "kl_tokens", "judge", "engine", "system_prompt")
 @click.option("--perplexity", "perplexity_file", default=None, help="Also report perplexity on this UTF-8 text file.")
 @schema_options(MeasureSettings, "batch_size")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -480,7 +480,7 @@ def compare():
 @click.option("--base", default=None, help="Base for KL (a row too). Default: the base the models record, else the first.")
 @click.option("-o", "--output", default="compare-report", show_default=True, help="Report directory (must not exist or be empty).")
 @schema_options(CompareSettings, "limit", "max_new_tokens", "probe_tokens", "probes", "paraphrase_groups", "kl_tokens",
-                "judge", "system_prompt", "batch_size", "directions", "direction_prompts", "sheet_prompts", "seed",
+                "judge", "engine", "system_prompt", "batch_size", "directions", "direction_prompts", "sheet_prompts", "seed",
                 "lm_eval_tasks", "lm_eval_limit", "dtype", "device_map", "trust_remote_code",
                 flags={"paraphrase_groups": "--paraphrases", "lm_eval_tasks": "--lm-eval"})
 @click.option("--json", "as_json", is_flag=True, help="Print the results (without answers) as one JSON object on stdout.")
@@ -528,7 +528,7 @@ def compare_reveal(sheet, ratings, key_file, as_json):
 @click.option("--base", default=None, help="The model it was made from. Default: base_model in MODEL/abliteration.json "
               "(or BASE of a BASE::DIRECTIONS::PARAMS variant).")
 @schema_options(VerifySettings, "prompts", "max_new_tokens", "reasoning_probes", "reasoning_tokens", "kl_prompts",
-                "kl_tokens", "judge", "min_answered", "on_topic", "reasoning_slack", "max_kl", "max_kl_multi",
+                "kl_tokens", "judge", "engine", "min_answered", "on_topic", "reasoning_slack", "max_kl", "max_kl_multi",
                 "system_prompt", "batch_size", "dtype", "device_map", "trust_remote_code")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def verify(model, base, as_json, **options):

@@ -18,6 +18,7 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate.plugins import ENGINES, Engine, plugin
 from abliterate.version import __version__
 from abliterate.core.judges import get_judge
 from abliterate.core.load import LoadedModel, load_model
@@ -25,7 +26,7 @@ from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_has
 from abliterate.core.save import model_card, save_into
 from abliterate.measure.ablation import AblationParams, bake, plan_edits
 from abliterate.measure.directions import Directions, measure_directions
-from abliterate.measure.engines.transformers import TransformersEngine
+from abliterate.measure.engines import engine_name
 from abliterate.errors import UserError
 from abliterate.measure.evaluate import Baseline, Metrics, check_same_vocabulary, evaluate, refused_subset
 
@@ -62,20 +63,25 @@ class Workbench:
     max_new_tokens: int = 32
     kl_tokens: int = 16
     system_prompt: str | None = None
-    engine: TransformersEngine = field(init=False)
+    engine_name: str = "transformers"  # a name in abliterate.plugins.ENGINES
+    engine: Engine = field(init=False)
     baselines: dict[str, Baseline] = field(default_factory=dict, init=False)
     current_directions: Directions | None = field(default=None, init=False)
     base: "Workbench | None" = field(default=None, init=False)  # KL is measured against its model (default: own)
 
     def __post_init__(self):
-        self.engine = TransformersEngine(self.loaded.model, self.loaded.tokenizer)
+        self.engine = plugin(ENGINES, self.engine_name).from_loaded(self.loaded)
 
     @classmethod
     def open(cls, model: str, prompts: PromptSplits, judge: str = "classifier", dtype: str = "auto",
-             device_map=None, revision: str | None = None, trust_remote_code: bool = False, **measuring) -> "Workbench":
-        """Load `model` and set the bench up (`measuring`: batch_size, max_new_tokens, kl_tokens, system_prompt)."""
+             device_map=None, revision: str | None = None, trust_remote_code: bool = False, engine: str = "auto",
+             **measuring) -> "Workbench":
+        """Load `model` and set the bench up (`engine`: see `engine_name`; `measuring`: batch_size, max_new_tokens,
+        kl_tokens, system_prompt)."""
         judge_object = get_judge(judge) if isinstance(judge, str) else judge
-        return cls(load_model(model, dtype, device_map, revision, trust_remote_code), prompts, judge_object, **measuring)
+        name = engine_name(engine)
+        return cls(load_model(model, dtype, device_map, revision, trust_remote_code), prompts, judge_object,
+                   engine_name=name, **measuring)
 
     @property
     def model(self):

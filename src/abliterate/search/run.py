@@ -21,6 +21,7 @@ from abliterate.core.judges import get_judge
 from abliterate.core import rundir
 from abliterate.core.rundir import DIRECTIONS_FILE, RECORD_FILE, RUN_FILE, STUDY_FILE
 from abliterate.measure.engines.packed import packed_linears
+from abliterate.measure.engines import engine_name
 from abliterate.measure.workbench import PromptSplits, Workbench
 from abliterate.search.study import TrialContext, finished_trials, objective, open_study, pick_trial, warm_start_params
 
@@ -69,9 +70,9 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
     state = rundir.prepare(output, settings)
-    hooks.status(f"loading {settings.model}")
+    hooks.status(f"loading {settings.model} (engine: {engine_name(settings.engine)})")
     bench = Workbench.open(settings.model, prompts, judge, settings.dtype, settings.device_map, settings.revision,
-                           settings.trust_remote_code, max_new_tokens=settings.max_new_tokens,
+                           settings.trust_remote_code, settings.engine, max_new_tokens=settings.max_new_tokens,
                            kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
     _set_batch_size(bench, settings, state, output, hooks)
     directions = bench.use(_directions(bench, settings, output, hooks))

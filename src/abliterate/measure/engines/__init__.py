@@ -1,3 +1,23 @@
 """Engines run a model forward (greedy generation, first-token and teacher-forced log-probs) with an ablation applied.
 `transformers` is the reference engine, with its speed paths (shared prompt head, prefix reuse, packed weights,
-static decoding); the interface every engine implements is `abliterate.plugins.Engine`."""
+static decoding); the interface every engine implements is `abliterate.plugins.Engine`, the registry of engines is
+`abliterate.plugins.ENGINES`."""
+
+import importlib.util
+
+import torch
+
+from abliterate.errors import UserError
+from abliterate.plugins import ENGINES
+
+
+def engine_name(requested: str) -> str:
+    """The engine to use. `auto`: vLLM on a CUDA GPU where it is installed (built for throughput); otherwise the
+    transformers engine, whose speed paths were measured on CPUs (the CPU default)."""
+    if requested != "auto":
+        if requested not in ENGINES:
+            raise UserError(f"unknown engine '{requested}'; choose auto or one of: {', '.join(ENGINES)}")
+        return requested
+    if torch.cuda.is_available() and "vllm" in ENGINES and importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "transformers"

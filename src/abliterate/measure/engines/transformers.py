@@ -406,6 +406,10 @@ class TransformersEngine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
+    @classmethod
+    def from_loaded(cls, loaded) -> "TransformersEngine":
+        return cls(loaded.model, loaded.tokenizer)
+
     def ablated(self, edits: list, norm_preserving: bool = False):
         from abliterate.measure.ablation import ablate
 
