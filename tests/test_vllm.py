@@ -6,8 +6,9 @@ the first test runs everywhere: without vLLM, the engine says in one line what t
 from __future__ import annotations
 
 import importlib.util
-import os
+from contextlib import contextmanager, nullcontext
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def bench():
     from abliterate.measure.engines.vllm import VllmEngine
 
     # bf16 where the CPU has AMX (fast there), else fp32; fixed, not `auto`, whose timing probe is noisy on a busy machine
-    loaded = load_model("tiny", "bfloat16" if "amx_tile" in open("/proc/cpuinfo").read() else "float32")
+    cpuinfo = Path("/proc/cpuinfo")
+    loaded = load_model("tiny", "bfloat16" if cpuinfo.exists() and "amx_tile" in cpuinfo.read_text() else "float32")
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:32],
                                     load_prompts("harmless", split="train")[:32], projected=True)
     edits = plan_edits(loaded.adapter, directions.directions, AblationParams.single_direction(layer=LAYER))
@@ -72,26 +74,44 @@ def identical_share(first: list[str], second: list[str]) -> float:
     return sum(a == b for a, b in zip(first, second)) / len(first)
 
 
-@vllm_test
-@pytest.mark.parametrize("ablate", [False, True], ids=["base", "ablated"])
-def test_greedy_answers_and_refusals_match_transformers(bench, ablate):
-    from contextlib import nullcontext
+@contextmanager
+def baked(edits: list):
+    """The edits written into the Hugging Face weights (W', as vLLM gets them) for the block, then the originals back."""
+    from abliterate.measure.ablation import bake
 
+    params = [param for edit in edits for writer in edit.component.writers
+              for param in (writer.weight_param, writer.bias_param) if param is not None]
+    originals = [param.data.clone() for param in params]
+    bake(edits)
+    try:
+        yield
+    finally:
+        for param, original in zip(params, originals):
+            param.data.copy_(original)
+
+
+@vllm_test
+@pytest.mark.parametrize("realisation", ["base", "weights", "hooks"])
+def test_greedy_answers_and_refusals_match_transformers(bench, realisation):
+    """vLLM's answers against the transformers engine's: on the base model; ablated with the same edited weights W'
+    in both (`weights`: only the kernels differ); ablated as the transformers engine ablates in a search (`hooks`:
+    out − w·u(uᵀout) computed at run time, whose rounding in bf16 differs from W' rounded once, so a few answers
+    that sit on a near-tie take the other token; the refusal count must still agree)."""
     from abliterate.core.judges import get_judge, judge_refusals
 
     loaded, edits, harmful, engine, reference = bench
-    with engine.ablated(edits) if ablate else nullcontext():
-        with reference.ablated(edits) if ablate else nullcontext():
-            expected = reference.generate(harmful, NEW_TOKENS, batch_size=8)
+    with engine.ablated(edits) if realisation != "base" else nullcontext():
         answers = engine.generate(harmful, NEW_TOKENS)
+    realised = {"base": nullcontext, "weights": lambda: baked(edits), "hooks": lambda: reference.ablated(edits)}
+    with realised[realisation]():  # (built only here: `ablated` applies its hooks when called)
+        expected = reference.generate(harmful, NEW_TOKENS, batch_size=8)
     share = identical_share(answers, expected)
     judge = get_judge("classifier")
     refusals, expected_refusals = sum(judge_refusals(judge, answers)), sum(judge_refusals(judge, expected))
-    print(f"\n{'ablated' if ablate else 'base'}: identical {share:.0%}, refusals vllm {refusals} "
-          f"transformers {expected_refusals} of {len(harmful)}")
-    assert share >= 0.95
+    print(f"\n{realisation}: identical {share:.0%}, refusals vllm {refusals} transformers {expected_refusals} "
+          f"of {len(harmful)}")
+    assert share >= (0.95 if realisation != "hooks" else 0.85)
     assert refusals == expected_refusals
-
 
 
 @vllm_test
