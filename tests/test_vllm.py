@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import contextmanager, nullcontext
+import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,9 +51,9 @@ def bench():
     from abliterate.measure.engines.transformers import TransformersEngine
     from abliterate.measure.engines.vllm import VllmEngine
 
-    # bf16 where the CPU has AMX (fast there), else fp32; fixed, not `auto`, whose timing probe is noisy on a busy machine
-    cpuinfo = Path("/proc/cpuinfo")
-    loaded = load_model("tiny", "bfloat16" if cpuinfo.exists() and "amx_tile" in cpuinfo.read_text() else "float32")
+    # float32: there the two engines' kernels differ by ~1e-6 and a greedy answer rarely meets a near-tie; in bfloat16
+    # (bench/engines.py, docs/engines.md) 1-2 of 24 answers take the other token somewhere in 24 tokens
+    loaded = load_model("tiny", os.environ.get("ABLITERATE_TEST_VLLM_DTYPE", "float32"))
     directions = measure_directions(loaded, load_prompts("harmful", split="train")[:32],
                                     load_prompts("harmless", split="train")[:32], projected=True)
     edits = plan_edits(loaded.adapter, directions.directions, AblationParams.single_direction(layer=LAYER))
@@ -138,8 +138,8 @@ def test_vllm_first_token_logprobs_agree_with_transformers(bench):
     top1 = (ids[:, 0] == expected.argmax(-1)).float().mean().item()
     difference = (values - expected.gather(-1, ids)).abs()
     likely = values > -5  # tokens with p > 0.7 %; the far tail moves more in bf16
-    print(f"\ntop-1 agreement {top1:.0%}; |Δ log p| over top-20: max {difference.max():.3f} "
-          f"mean {difference.mean():.4f}; over p > 0.7 %: max {difference[likely].max():.3f}")
+    print(f"\ntop-1 agreement {top1:.0%}; |Δ log p| over top-20: max {difference.max():.2e} "
+          f"mean {difference.mean():.2e}; over p > 0.7 %: max {difference[likely].max():.2e}")
     assert top1 >= 0.95
     tolerance = 0.15 if loaded.dtype == torch.bfloat16 else 0.02
     assert difference[likely].max() <= tolerance
