@@ -16,7 +16,8 @@ axis, and W' is computed column by column (uᵀW per column), so each rank edits
 the shards of W' are exactly W' sharded. A row-parallel bias is whole on every rank (added once, on rank 0).
 
 Why weights and not LoRA: a rank-1 LoRA (A = uᵀW, B = −w·u) gives the same map, but vLLM then runs the LoRA kernels
-on every step of every trial; writing W' costs ~0.1 s a trial on the CPU (0.5B model) and nothing while generating.
+on every step of every trial; writing W' costs ~1 s a trial on the CPU (0.5B model, 48 matrices computed in float32;
+restoring, a re-pack only, 0.12 s) and nothing while generating. (LoRA was not measured.)
 
 Log-probs. vLLM returns log-probs as Python objects per token: the full vocabulary (152k for Qwen) took 70 s for 32
 first tokens here, and teacher-forced [N, T, vocab] would be T times that. So `first_token_logprobs` and
@@ -336,8 +337,8 @@ class VllmEngine:
     def generate(self, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16, stop=None) -> list[str]:
         """Greedy answers. `stop(text)` is applied after generation, token by token, exactly as the transformers
         engine applies it while generating: an answer ends at the first prefix it accepts. (vLLM cannot call Python
-        between steps cheaply; generating in chunks re-computes each open prompt per chunk and costs more than the
-        tokens it saves on the CPU — measured in bench/engines.py.) `batch_size` is not used: vLLM batches."""
+        between steps cheaply; generating in chunks would re-prefill each open prompt per chunk, with prefix caching
+        off for exact repeats; not measured.) `batch_size` is not used: vLLM batches."""
         answers = []
         for tokens in self.generate_tokens(prompts, max_new_tokens):
             answers.append(self._cut_at_stop(tokens, stop))
