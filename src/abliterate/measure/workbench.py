@@ -109,6 +109,7 @@ class Workbench:
 
     def close(self) -> None:
         """Free the model; what was measured (baselines, tokenizer) stays, so another bench can measure against it."""
+        getattr(self.engine, "close", lambda: None)()  # an engine with processes of its own (vLLM) stops them
         self.loaded.model = self.loaded.adapter = self.engine = None  # the adapter holds the modules too
         gc.collect()
 

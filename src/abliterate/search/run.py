@@ -69,10 +69,11 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     hooks = hooks or Hooks()
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
+    engine = engine_name(settings.engine)  # a missing engine package too
     state = rundir.prepare(output, settings)
-    hooks.status(f"loading {settings.model} (engine: {engine_name(settings.engine)})")
+    hooks.status(f"loading {settings.model} (engine: {engine})")
     bench = Workbench.open(settings.model, prompts, judge, settings.dtype, settings.device_map, settings.revision,
-                           settings.trust_remote_code, settings.engine, max_new_tokens=settings.max_new_tokens,
+                           settings.trust_remote_code, engine, max_new_tokens=settings.max_new_tokens,
                            kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
     _set_batch_size(bench, settings, state, output, hooks)
     directions = bench.use(_directions(bench, settings, output, hooks))

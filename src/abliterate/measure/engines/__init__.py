@@ -8,7 +8,7 @@ import importlib.util
 import torch
 
 from abliterate.errors import UserError
-from abliterate.plugins import ENGINES
+from abliterate.plugins import ENGINES, plugin
 
 
 def engine_name(requested: str) -> str:
@@ -17,6 +17,7 @@ def engine_name(requested: str) -> str:
     if requested != "auto":
         if requested not in ENGINES:
             raise UserError(f"unknown engine '{requested}'; choose auto or one of: {', '.join(ENGINES)}")
+        getattr(plugin(ENGINES, requested), "require", lambda: None)()  # a missing package: one line, before loading
         return requested
     if torch.cuda.is_available() and "vllm" in ENGINES and importlib.util.find_spec("vllm") is not None:
         return "vllm"
