@@ -192,3 +192,14 @@ def test_a_trials_measurement_is_the_same_through_either_engine(bench):
     assert through_vllm.refusals == through_transformers.refusals
     assert through_vllm.kl == pytest.approx(through_transformers.kl, abs=1e-6)
     assert through_vllm.kl_multi_token == pytest.approx(through_transformers.kl_multi_token, abs=1e-6)
+
+
+@vllm_test
+def test_a_bake_reaches_the_weights_vllm_generates_with(bench):
+    """A run bakes its pick and then measures it: vLLM must answer as the ablation did (last test: the shared model
+    is edited for good here)."""
+    _, edits, harmful, engine, _ = bench
+    with engine.ablated(edits):
+        ablated = engine.generate(harmful[:8], NEW_TOKENS).texts
+    engine.bake(edits)
+    assert engine.generate(harmful[:8], NEW_TOKENS).texts == ablated

@@ -46,6 +46,9 @@ class Engine(Protocol):
     def ablated(self, edits: list, norm_preserving: bool) -> AbstractContextManager:
         """The ablation applied for the duration of a `with` block, then removed exactly."""
 
+    def bake(self, edits: list, norm_preserving: bool) -> None:
+        """The ablation for good: into every copy of the weights the engine computes with (irreversible)."""
+
     def first_token_logprobs(self, prompts: list[str], batch_size: int, **speed):
         """[N, vocab] log-probabilities of the first response token."""
 

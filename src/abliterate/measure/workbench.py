@@ -24,7 +24,7 @@ from abliterate.core.judges import get_judge
 from abliterate.core.load import LoadedModel, load_model
 from abliterate.core.prompts import format_prompts, load_prompts, prompt_set_hash
 from abliterate.core.save import model_card, save_into
-from abliterate.measure.ablation import AblationParams, bake, plan_edits
+from abliterate.measure.ablation import AblationParams, plan_edits
 from abliterate.measure.directions import Directions, measure_directions
 from abliterate.measure.engines import engine_name
 from abliterate.errors import UserError
@@ -177,7 +177,7 @@ class Workbench:
     def bake(self, params: AblationParams, directions: Directions | None = None) -> list:
         """The ablation written into the weights (irreversible in memory); returns the edits made."""
         edits = self.edits(params, directions)
-        bake(edits, params.norm_preserving)
+        self.engine.bake(edits, params.norm_preserving)  # every copy the engine computes with (vLLM keeps its own)
         return edits
 
     def save(self, output: str | Path, record: dict | None = None, record_name: str = "abliteration.json") -> Path:

@@ -415,6 +415,11 @@ class TransformersEngine:
 
         return ablate(edits, norm_preserving)
 
+    def bake(self, edits: list, norm_preserving: bool = False) -> None:
+        from abliterate.measure.ablation import bake
+
+        bake(edits, norm_preserving)
+
     def first_token_logprobs(self, prompts: list[str], batch_size: int = 16, **speed) -> torch.Tensor:
         """`speed`: first_edited_layer, prefix, heads, on_cpu (see `next_token_logprobs`)."""
         return with_batch_backoff(lambda items, size: next_token_logprobs(self.model, self.tokenizer, items, size,

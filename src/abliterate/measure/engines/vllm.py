@@ -43,6 +43,7 @@ from abliterate.plugins import Generation
 ENVIRONMENT_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache on a CPU (vLLM's default takes a share of all RAM)
     "VLLM_CPU_ATTN_SPLIT_KV": "0",  # split-KV attention sums in a schedule-dependent order: repeats would differ
+    "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM's INFO lines would bury abliterate's progress on stderr
 }
 WORKER_EXTENSION = "abliterate.measure.engines.vllm.AblationWorker"  # a qualified name, as vLLM resolves it
 
@@ -109,7 +110,18 @@ class AblationWorker:
         for name, (new_weight, new_bias) in edited.items():
             _write(layers[name], new_weight, new_bias)
             state["edited"].add(name)
+            state["current"][name] = (new_weight, new_bias)
         return time.perf_counter() - start
+
+    def abliterate_commit(self) -> int:
+        """Keep the edited weights for good: they become the originals later ablations start from (a bake)."""
+        state = _worker_state(self)
+        for name in state["edited"]:
+            state["originals"][name] = state["current"][name]
+        count = len(state["edited"])
+        state["edited"].clear()
+        state["current"].clear()
+        return count
 
     def abliterate_restore(self) -> int:
         """Write every edited module's original weights back; returns how many."""
@@ -120,6 +132,7 @@ class AblationWorker:
             _write(layers[name], weight, bias)
         count = len(state["edited"])
         state["edited"].clear()
+        state["current"].clear()
         return count
 
 
@@ -141,7 +154,7 @@ def from_message(message) -> torch.Tensor | None:
 
 def _worker_state(worker) -> dict:
     if not hasattr(worker, "abliterate_state"):
-        worker.abliterate_state = {"originals": {}, "edited": set()}
+        worker.abliterate_state = {"originals": {}, "edited": set(), "current": {}}
     return worker.abliterate_state
 
 
@@ -317,6 +330,17 @@ class VllmEngine:
                 yield self
             finally:
                 self._rpc("abliterate_restore")
+
+    def bake(self, edits: list, norm_preserving: bool = False) -> None:
+        """The edits for good: into vLLM's weights (what it generates with from now on) and into the Hugging Face copy
+        (log-probs, saving)."""
+        self._send_originals(edits)  # while the Hugging Face copy still holds the originals
+        modules = self._module_names(edits)
+        updates = [(modules[writer.name], to_message(edit.u.float()), float(edit.weight))
+                   for edit in edits for writer in edit.component.writers]
+        self._rpc("abliterate_apply", updates, norm_preserving)
+        self._rpc("abliterate_commit")
+        self.reference.bake(edits, norm_preserving)
 
     # --- generation and log-probs -------------------------------------------------------------------------------
 
