@@ -170,8 +170,9 @@ def test_logprobs_match_transformers(bench):
 @needs_mlx
 @pytest.mark.slow
 def test_a_quantised_model_is_ablated_by_output_corrections_and_restored(bench):
-    """A 4-bit copy (mlx's own quantisation): the ablation wraps the quantised writers, changes the log-probs, and
-    leaving it puts the original modules back (log-probs the same bit for bit); norm-preserving is refused."""
+    """The edited writers quantised to 4 bits (mlx's own quantisation; only they: the path under test): the ablation
+    wraps them, changes the log-probs, and leaving it puts the original modules back (log-probs the same bit for
+    bit); norm-preserving is refused."""
     import mlx.nn as nn
 
     from abliterate.errors import UserError
@@ -179,7 +180,9 @@ def test_a_quantised_model_is_ablated_by_output_corrections_and_restored(bench):
 
     loaded, edits, harmful, _, _ = bench
     with MlxEngine.open(loaded) as engine:
-        nn.quantize(engine.model, group_size=64, bits=4)
+        edited = tuple(writer.name for edit in edits for writer in edit.component.writers)
+        nn.quantize(engine.model, group_size=64, bits=4, class_predicate=lambda path, _: path.endswith(edited))
+        assert sum(isinstance(module, nn.QuantizedLinear) for _, module in engine.model.named_modules()) == len(edited)
         base = engine.first_token_logprobs(harmful[:2])
         with engine.ablated(edits):
             ablated = engine.first_token_logprobs(harmful[:2])
