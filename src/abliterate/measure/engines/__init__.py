@@ -4,6 +4,7 @@ static decoding); the interface every engine implements is `abliterate.plugins.E
 `abliterate.plugins.ENGINES`."""
 
 import importlib.util
+import platform
 
 import torch
 
@@ -12,8 +13,9 @@ from abliterate.plugins import ENGINES, plugin
 
 
 def engine_name(requested: str) -> str:
-    """The engine to use. `auto`: vLLM on a CUDA GPU where it is installed (built for throughput); otherwise the
-    transformers engine, whose speed paths were measured on CPUs (the CPU default)."""
+    """The engine to use. `auto`: vLLM on a CUDA GPU where it is installed (built for throughput); mlx on Apple
+    silicon where mlx-lm is installed (Metal; torch there has no fast path of ours); otherwise the transformers
+    engine, whose speed paths were measured on CPUs (the CPU default)."""
     if requested != "auto":
         if requested not in ENGINES:
             raise UserError(f"unknown engine '{requested}'; choose auto or one of: {', '.join(ENGINES)}")
@@ -21,4 +23,10 @@ def engine_name(requested: str) -> str:
         return requested
     if torch.cuda.is_available() and "vllm" in ENGINES and importlib.util.find_spec("vllm") is not None:
         return "vllm"
+    if on_apple_silicon() and "mlx" in ENGINES and importlib.util.find_spec("mlx_lm") is not None:
+        return "mlx"
     return "transformers"
+
+
+def on_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
