@@ -114,6 +114,7 @@ def same_arrays(first: dict, second: dict) -> bool:
 
 @needs_mlx
 @pytest.mark.slow
+@pytest.mark.engines
 def test_greedy_answers_and_refusals_match_transformers(bench):
     """mlx's greedy answers equal the transformers engine's, base and ablated (W' in mlx, hooks in transformers),
     and so do the phrase judge's refusal counts; the ablation changes the answers."""
@@ -147,6 +148,7 @@ def test_leaving_the_ablation_restores_the_weights_exactly(bench):
 
 @needs_mlx
 @pytest.mark.slow
+@pytest.mark.engines
 def test_logprobs_match_transformers(bench):
     """First-token and teacher-forced log-probs from mlx against the transformers engine's, ablated."""
     loaded, edits, harmful, engine, reference = bench
@@ -169,6 +171,7 @@ def test_logprobs_match_transformers(bench):
 
 @needs_mlx
 @pytest.mark.slow
+@pytest.mark.engines
 def test_a_quantised_model_is_ablated_by_output_corrections_and_restored(bench):
     """The edited writers quantised to 4 bits (mlx's own quantisation; only they: the path under test): the ablation
     wraps them, changes the log-probs, and leaving it puts the original modules back (log-probs the same bit for

