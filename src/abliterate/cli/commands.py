@@ -178,7 +178,8 @@ def _run_settings(model, output, config_file, resume, export_targets, flags) -> 
 @schema_options(RunSettings, "trials", "startup_trials", "seed", "pick", unset=True)
 @click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
 @schema_options(RunSettings, "harmful", "harmless", "column", "tune_prompts", "eval_prompts", "max_new_tokens", "judge",
-                "engine", "dtype", "device_map", "revision", "trust_remote_code", "name", unset=True)
+                "engine", "dtype", "device_map", "quantize", "max_memory", "offload_folder", "revision", "trust_remote_code",
+                "name", unset=True)
 @click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
 @schema_options(RunSettings, "quant", unset=True)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR with the settings it was started with "
