@@ -366,19 +366,18 @@ def plan_load(config: dict, dtype_bytes: int, quantize: str, max_memory: dict | 
     if not max_memory and need <= int(ram * RAM_USABLE_FRACTION) + disk:
         options.append(f"--max-memory cpu={int(ram * RAM_USABLE_FRACTION) // GIB}GB with disk offload "
                        f"({format_bytes(need)} over RAM and disk)")
-    for label, bytes_needed in (("", need), ("--quantize 4bit on ", quantized)):
-        gpu = _gpu_for(bytes_needed)
-        if gpu:
-            options.append(f"{label}a GPU of {gpu} GB")
-            break
-    else:
-        options.append(f"{math_ceil_gpus(quantized)} GPUs of 80 GB with --quantize 4bit")
+    if (gpu := _gpu_for(need)) is not None:
+        options.append(f"a GPU of {gpu} GB")
+    if quantize != "4bit" and (gpu := _gpu_for(quantized)) is not None:
+        options.append(f"--quantize 4bit on a GPU of {gpu} GB")
+    if _gpu_for(quantized) is None:
+        options.append(f"--quantize 4bit on {gpus_of_80gb(quantized)} GPUs of 80 GB")
     raise UserError(f"{reference} needs about {format_bytes(need)} to load ({format_bytes(weights)} of weights, "
                     f"{quantize if quantize != 'none' else f'{dtype_bytes * 8}-bit'}) but has {where}; would fit: "
                     + "; or ".join(options))
 
 
-def math_ceil_gpus(need: int) -> int:
+def gpus_of_80gb(need: int) -> int:
     return -(-need // int(80 * GIB * 0.9))
 
 

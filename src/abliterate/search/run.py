@@ -113,8 +113,10 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         hooks.status(f"trial {chosen.number} is already saved in {output}")  # a re-run after the save: nothing to redo
         return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"],
                          search.trials_run, study, saved)
-    if settings.quantize != "none":
-        hooks.status(f"measuring trial {chosen.number} on the {settings.quantize} model (edits as hooks)")
+    in_place = _weights_editable(bench)
+    if not in_place:
+        hooks.status(f"measuring trial {chosen.number} with the edits as hooks (the loaded weights are "
+                     f"{'quantised' if settings.quantize != 'none' else 'offloaded'})")
         abliterated = {split: bench.measure(params, split).to_dict() for split in ("tune", "eval")}
     else:
         hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
@@ -123,7 +125,7 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     record = _record(settings, bench, chosen, params, output / DIRECTIONS_FILE, directions, state["base"], abliterated,
                      len(finished_trials(study)))
     hooks.status(f"saving {output}")
-    if settings.quantize != "none":
+    if not in_place:
         _save_full_precision(settings, directions, params, output, record, hooks)
     else:
         _save(bench, output, settings, edits, record, hooks)
@@ -226,6 +228,7 @@ def _record(settings: RunSettings, bench: Workbench, chosen, params: AblationPar
         "judge": bench.judge.name,
         "dtype": str(bench.loaded.dtype).removeprefix("torch."),
         "batch_size": bench.batch_size,
+        "devices": sorted({str(device) for device in (getattr(bench.model, "hf_device_map", None) or {}).values()}),
         "metrics": {"base": base, "abliterated": abliterated},
         "trials_finished": trials_finished,
     }
@@ -250,13 +253,13 @@ def _save(bench: Workbench, output: Path, settings: RunSettings, edits: list, re
 def check_loading(settings: RunSettings) -> None:
     """Before anything is written: the memory plan (refused in one line naming what would fit), and with --quantize,
     that the trials can run (hooks: no norm-preserving weight swaps) and the save can bake full precision."""
-    from abliterate.core.load import check_fits
+    from abliterate.core.load import check_fits, resolve
 
     if settings.quantize != "none" and True in settings.space.norm_preserving:
         raise UserError(f"--quantize {settings.quantize} cannot try norm-preserving edits (they rewrite weights); set "
                         "space.norm_preserving = [false] or drop --quantize")
     check_fits(settings.model, settings.dtype, settings.revision, settings.trust_remote_code, **settings.loading())
-    if settings.quantize != "none":
+    if settings.quantize != "none" and resolve(settings.model, settings.revision).is_local:  # a hub id: cached by the load
         from abliterate.ship.shard_bake import find_checkpoint
 
         if find_checkpoint(settings.model, settings.revision, settings.trust_remote_code) is None:
@@ -264,16 +267,23 @@ def check_loading(settings: RunSettings) -> None:
                             "shard by shard, and there is none on disk; download it first or drop --quantize")
 
 
+def _weights_editable(bench: Workbench) -> bool:
+    """Whether a bake in memory writes what is saved: not for bitsandbytes weights, nor for weights accelerate
+    offloaded to disk (on the meta device in memory)."""
+    return bench.loaded.quantize == "none" and all(p.device.type != "meta" for p in bench.model.parameters())
+
+
 def _save_full_precision(settings: RunSettings, directions: Directions, params: AblationParams, output: Path,
                          record: dict, hooks: Hooks) -> None:
-    """A quantised run's model: the ablation baked shard by shard into the full-precision checkpoint (as stored),
+    """A quantised or offloaded run's model: the ablation baked shard by shard into the full-precision checkpoint (as stored),
     staged beside the run's files and moved in; the record last, so its presence means the model is complete."""
     import shutil
 
     from abliterate.core.save import model_card
     from abliterate.ship.shard_bake import open_checkpoint, plan_shard_edits, write_baked
 
-    record["measured_on"] = f"{settings.quantize} (bitsandbytes) with the edits as hooks; weights baked in full precision"
+    loaded = f"{settings.quantize} (bitsandbytes)" if settings.quantize != "none" else "offloaded weights"
+    record["measured_on"] = f"{loaded} with the edits as hooks; the saved weights baked from the checkpoint as stored"
     staging = output / ".saving"
     shutil.rmtree(staging, ignore_errors=True)
     (output / RECORD_FILE).unlink(missing_ok=True)
