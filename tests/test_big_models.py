@@ -196,3 +196,17 @@ def test_a_run_under_max_memory_completes_with_disk_offload(quant_model_dir, pro
     base, baked = load_file(quant_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert base.keys() == baked.keys() and record["metrics"]["abliterated"]["eval"]["total"] == 3
     assert any(not torch.equal(base[k], baked[k]) for k in base)
+
+
+def test_quantize_is_part_of_a_runs_identity_and_older_runs_resume_unquantised(tmp_path):
+    from abliterate.core.rundir import RUN_FILE, identity, prepare
+    from abliterate.core.settings import load_settings
+
+    out = tmp_path / "old-run"
+    out.mkdir()
+    before = identity(load_settings())
+    del before["quantize"]  # a run made before the setting existed loaded full precision
+    (out / RUN_FILE).write_text(json.dumps({"identity": before}))
+    prepare(out, load_settings())  # resumes
+    with pytest.raises(UserError, match="quantize"):
+        prepare(out, load_settings(quantize="4bit"))
