@@ -1,5 +1,8 @@
 """The model catalog (`abliterate models`) and memory estimates (`abliterate models estimate`).
 
+The counting (parameters per part, KV cache, overhead, memory sizes) lives in `core/memory.py`, where the plan that
+every load makes first uses it too; this module adds GGUF quants, the catalog and the `estimate` report.
+
 A small pure core: the catalog is data (`data/catalog.toml`, validated here with pydantic), an estimate is
 arithmetic on a config.json (or a GGUF header). Nothing here imports torch or reads weights.
 
