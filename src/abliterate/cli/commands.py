@@ -56,10 +56,11 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-def _load(model, revision, dtype, device_map, trust_remote_code):
+def _load(model, revision, dtype, device_map, trust_remote_code, **loading):
+    """`loading`: quantize, max_memory, offload_folder (see load_model)."""
     with status(f"loading {model}"):
         return load_model(model, dtype=dtype, device_map=device_map, revision=revision,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, **loading)
 
 
 def _progress_bar(total: int):
@@ -97,7 +98,7 @@ def main():
               help="'pt' also writes a plain [layers, hidden] tensor .pt beside the safetensors.")
 @click.option("--batch-size", type=int, default=DIRECTIONS_BATCH_SIZE, show_default=True)
 def directions(model, revision, dtype, device_map, trust_remote_code, harmful, harmless, column, split, system_prompt,
-               output, limit, projected, winsorize, refused_only, formats, batch_size):
+               output, limit, projected, winsorize, refused_only, formats, batch_size, **loading):
     """Measure per-layer refusal directions from harmful vs harmless prompts."""
     output_path = Path(output)
     if not output_path.parent.exists():
@@ -106,7 +107,7 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
         raise UserError("--batch-size must be positive" if batch_size <= 0 else "--limit must be positive")
     harmful_prompts, harmless_prompts = read_prompt_sets(harmful, harmless, column, split)
     harmful_prompts, harmless_prompts = harmful_prompts[:limit], harmless_prompts[:limit]
-    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
     result, used = directions_from_prompts(loaded, harmful_prompts, harmless_prompts, system_prompt=system_prompt,
                                            batch_size=batch_size, projected=projected, winsorize=winsorize,
                                            refused_only=refused_only, note=_stderr, progress_bar=_progress_bar)
@@ -123,7 +124,7 @@ def directions(model, revision, dtype, device_map, trust_remote_code, harmful, h
 @ablation_options
 @click.option("-o", "--output", "output", required=True, help="Output directory (a complete HF model).")
 def apply(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-          norm_preserving, output):
+          norm_preserving, output, **loading):
     """Bake an ablation into the weights and save a complete HF model."""
     gguf_out = output.lower().endswith(".gguf")
     if gguf_out:
@@ -135,13 +136,18 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
         dtype = "float32" if dtype == APPLY_DTYPE else dtype  # edit the dequantised weights at full precision
     else:
         check_output_dir(output)
+    if loading.get("quantize", "none") != "none":
+        raise UserError("apply bakes full-precision weights; drop --quantize (it is for measuring and searching)")
     params = ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
     if not gguf_out and (plan := apply_shard_wise(model, revision, dtype, trust_remote_code, refusal, params, output,
                                                   directions_file, status, _stderr)) is not None:
         click.echo(f"wrote {output}: {plan.edit_count} component edits baked into {plan.model_type} weights, shard by shard")
         return
-    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
+    if any(parameter.device.type == "meta" for parameter in loaded.model.parameters()):
+        raise UserError("--max-memory offloaded weights to disk, where a bake cannot edit them; use --dtype checkpoint "
+                        "on a safetensors checkpoint (baked shard by shard in about one tensor's memory)")
     if not gguf_out:
         edits = apply_to_hf(loaded, refusal, params, output, directions_file, status)
         click.echo(f"wrote {output}: {edits} component edits baked into {loaded.adapter.model_type} weights")
@@ -178,7 +184,8 @@ def _run_settings(model, output, config_file, resume, export_targets, flags) -> 
 @schema_options(RunSettings, "trials", "startup_trials", "seed", "pick", unset=True)
 @click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
 @schema_options(RunSettings, "harmful", "harmless", "column", "tune_prompts", "eval_prompts", "max_new_tokens", "judge",
-                "engine", "dtype", "device_map", "revision", "trust_remote_code", "name", unset=True)
+                "engine", "dtype", "device_map", "quantize", "max_memory", "offload_folder", "revision", "trust_remote_code",
+                "name", unset=True)
 @click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
 @schema_options(RunSettings, "quant", unset=True)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR with the settings it was started with "
@@ -270,12 +277,12 @@ def _inference_setup(directions_file, layer, weight, params_file, components, no
 @click.option("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-         norm_preserving, system_prompt, max_new_tokens, temperature):
+         norm_preserving, system_prompt, max_new_tokens, temperature, **loading):
     """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
     if max_new_tokens <= 0 or temperature < 0:
         raise UserError("--max-new-tokens must be positive and --temperature not negative")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
-    loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
     with inference_ablation(loaded, refusal, params):
         chat_loop(loaded.model, loaded.tokenizer, read_terminal_line, write_terminal, Conversation(system_prompt),
                   max_new_tokens, temperature)
@@ -420,7 +427,7 @@ def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait while one generates; beyond that the answer is 503, retry later.")
 def serve(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue):
+          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue, **loading):
     """Serve MODEL over HTTP: OpenAI-compatible /v1 (chat/completions, completions, models) and Ollama-compatible /api
     (chat, generate, tags). MODEL: a saved model, a .gguf, or a base model ablated on the fly (--directions with --layer
     or --params). One generation at a time; other requests wait their turn."""
@@ -434,7 +441,7 @@ def serve(model, revision, dtype, device_map, trust_remote_code, directions_file
     try:
         if not api_key and host not in serving.LOCAL_HOSTS:
             _stderr(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model")
-        loaded = _load(model, revision, dtype, device_map, trust_remote_code)
+        loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
         name = name or Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
         app = create_app(loaded.model, loaded.tokenizer, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
                          max_queue=max_queue)
@@ -481,7 +488,8 @@ def compare():
 @click.option("-o", "--output", default="compare-report", show_default=True, help="Report directory (must not exist or be empty).")
 @schema_options(CompareSettings, "limit", "max_new_tokens", "probe_tokens", "probes", "paraphrase_groups", "kl_tokens",
                 "judge", "engine", "system_prompt", "batch_size", "directions", "direction_prompts", "sheet_prompts", "seed",
-                "lm_eval_tasks", "lm_eval_limit", "dtype", "device_map", "trust_remote_code",
+                "lm_eval_tasks", "lm_eval_limit", "dtype", "device_map", "quantize", "max_memory", "offload_folder",
+                "trust_remote_code",
                 flags={"paraphrase_groups": "--paraphrases", "lm_eval_tasks": "--lm-eval"})
 @click.option("--json", "as_json", is_flag=True, help="Print the results (without answers) as one JSON object on stdout.")
 def compare_models(models, base, output, as_json, **options):
@@ -529,7 +537,8 @@ def compare_reveal(sheet, ratings, key_file, as_json):
               "(or BASE of a BASE::DIRECTIONS::PARAMS variant).")
 @schema_options(VerifySettings, "prompts", "max_new_tokens", "reasoning_probes", "reasoning_tokens", "kl_prompts",
                 "kl_tokens", "judge", "engine", "min_answered", "on_topic", "reasoning_slack", "max_kl", "max_kl_multi",
-                "system_prompt", "batch_size", "dtype", "device_map", "trust_remote_code")
+                "system_prompt", "batch_size", "dtype", "device_map", "quantize", "max_memory", "offload_folder",
+                "trust_remote_code")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def verify(model, base, as_json, **options):
     """Check an abliterated MODEL against its base: formerly refused prompts answered on topic, step-by-step reasoning

@@ -58,8 +58,8 @@ def schema_options(schema: type[BaseModel], *names: str, unset: bool = False, fl
 def model_options(function=None, *, defaults: dict | None = None):
     """MODEL and the options that load it, shared by every command that loads a model."""
     def decorate(function):
-        function = schema_options(ModelSettings, "revision", "dtype", "device_map", "trust_remote_code",
-                                  defaults=defaults)(function)
+        function = schema_options(ModelSettings, "revision", "dtype", "device_map", "quantize", "max_memory",
+                                  "offload_folder", "trust_remote_code", defaults=defaults)(function)
         return click.argument("model", default=DEFAULT_MODEL, required=False)(function)
 
     return decorate(function) if function is not None else decorate

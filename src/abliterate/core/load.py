@@ -41,10 +41,22 @@ class LoadedModel:
     adapter: Adapter
     source: ModelSource
     dtype: torch.dtype
+    quantize: str = "none"  # "4bit"/"8bit": bitsandbytes layers, measured through hooks, never baked or saved
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
+
+
+def input_device(model) -> torch.device:
+    """Where the model's inputs go: its first parameter's device, or, with weights offloaded to disk (on the meta
+    device until accelerate's hooks load them), the first real device of its device map (else the CPU)."""
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        return device
+    placed = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("disk", "meta")]
+    first = placed[0] if placed else "cpu"
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
 def resolve(reference: str, revision: str | None = None) -> ModelSource:
@@ -151,7 +163,7 @@ def _model_class(config):
 
 def _logits_finite(model, tokenizer) -> bool:
     """A one-token smoke test: catches a broken set-up (e.g. fp16 overflow to NaN) right after loading."""
-    ids = tokenizer("Hello", return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    ids = tokenizer("Hello", return_tensors="pt").input_ids.to(input_device(model))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     return bool(torch.isfinite(logits).all())
@@ -168,21 +180,97 @@ def contiguous_lm_head_input(model) -> None:
 
 
 def load_model(reference: str = DEFAULT_MODEL, dtype: str = "auto", device_map: str | dict | None = None,
-               revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for measurement and ablation."""
+               revision: str | None = None, trust_remote_code: bool = False, quantize: str = "none",
+               max_memory: str | dict | None = None, offload_folder: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for measurement and ablation. `quantize` 4bit/8bit loads the linear
+    layers with bitsandbytes; `max_memory` caps each device (accelerate), the rest offloaded to `offload_folder`.
+    The memory plan runs first: a model that cannot fit is refused in one line before any weight is read."""
     from abliterate.core.gguf_reader import fast_gguf_parsing
 
+    options = LoadOptions(quantize, max_memory, offload_folder)
     with fast_gguf_parsing():  # a .gguf source is parsed three times by transformers (config, tokenizer, weights)
-        return _load_model(reference, dtype, device_map, revision, trust_remote_code)
+        return _load_model(reference, dtype, device_map, revision, trust_remote_code, options)
 
 
-def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> LoadedModel:
+@dataclass
+class LoadOptions:
+    """How the weights are placed: quantised (bitsandbytes), capped per device, offloaded to disk."""
+
+    quantize: str = "none"
+    max_memory: str | dict | None = None
+    offload_folder: str | None = None
+
+    def check(self, source: ModelSource) -> None:
+        if self.quantize not in ("none", "4bit", "8bit"):
+            raise UserError(f"unknown quantisation '{self.quantize}'; use none, 4bit or 8bit")
+        if self.quantize != "none" and source.gguf_file:
+            raise UserError("--quantize loads safetensors checkpoints; a .gguf is already quantised (drop --quantize)")
+        if self.quantize != "none":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise UserError(f"--quantize {self.quantize} needs the bitsandbytes package: "
+                                "pip install 'abliterate[quant]'") from None
+
+    def from_pretrained_kwargs(self, compute_dtype, device_map) -> dict:
+        from abliterate.core.memory import parse_max_memory
+
+        kwargs: dict = {}
+        max_memory = parse_max_memory(self.max_memory)
+        if max_memory:
+            import tempfile
+
+            kwargs["max_memory"] = max_memory
+            kwargs["offload_folder"] = self.offload_folder or tempfile.mkdtemp(prefix="abliterate-offload-")
+            device_map = device_map or "auto"
+        elif self.offload_folder:
+            kwargs["offload_folder"] = self.offload_folder
+        if self.quantize != "none":
+            from transformers import BitsAndBytesConfig
+
+            compute = compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.bfloat16
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+                if self.quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = device_map
+        return kwargs
+
+
+def plan_memory(config, source: ModelSource, chosen, options: LoadOptions) -> dict:
+    """The plan before loading (core/memory.py): refused in one line, naming what would fit, when it cannot."""
+    from abliterate.core.memory import available_memory, parse_max_memory, plan_load
+
+    config_dict = config.to_dict()
+    if isinstance(chosen, torch.dtype):
+        dtype_bytes = torch.tensor([], dtype=chosen).element_size()
+    else:  # as stored
+        stored = str(config_dict.get("torch_dtype") or config_dict.get("dtype") or "bfloat16").removeprefix("torch.")
+        dtype_bytes = 4 if stored == "float32" else 2
+    ram, gpus, disk = available_memory(options.offload_folder)
+    return plan_load(config_dict, dtype_bytes, options.quantize, parse_max_memory(options.max_memory), ram, gpus, disk,
+                     source.reference)
+
+
+def check_fits(reference: str, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+               quantize: str = "none", max_memory: str | dict | None = None,
+               offload_folder: str | None = None) -> dict:
+    """The memory plan alone, from the config (nothing loaded, nothing written): what `run` and `apply` check before
+    they write anything."""
+    source = resolve(reference, revision)
+    options = LoadOptions(quantize, max_memory, offload_folder)
+    options.check(source)
+    config = _load_config(source, trust_remote_code)
+    return plan_memory(config, source, choose_dtype(dtype, _default_device()), options)
+
+
+def _load_model(reference, dtype, device_map, revision, trust_remote_code, options: LoadOptions) -> LoadedModel:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     source = resolve(reference, revision)
+    options.check(source)
     config = _load_config(source, trust_remote_code)
     family_for((config.get_text_config() if hasattr(config, "get_text_config") else config).model_type)
     device_map = _parse_device_map(device_map)
@@ -190,6 +278,7 @@ def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> Lo
     if device_map is None and device != "cpu":
         device_map = "auto"
     chosen = choose_dtype(dtype, device)
+    plan_memory(config, source, chosen, options)
     common = dict(gguf_file=source.gguf_file, revision=source.revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
@@ -202,8 +291,9 @@ def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> Lo
     fallbacks = [chosen] + ([torch.float32] if chosen not in (torch.float32, "auto") else [])
     model_class = _model_class(config)
     for attempt in fallbacks:
+        placement = options.from_pretrained_kwargs(attempt, device_map)
         try:
-            model = model_class.from_pretrained(source.path, dtype=attempt, device_map=device_map, **common)
+            model = model_class.from_pretrained(source.path, dtype=attempt, **placement, **common)
         except OSError as error:
             raise (hub_error(source, error) if not source.is_local else UserError(f"could not load weights from {source.path} ({error})")) from None
         model.eval()
@@ -212,6 +302,6 @@ def _load_model(reference, dtype, device_map, revision, trust_remote_code) -> Lo
         if source.gguf_file:
             clear_gguf_quantizer(model)  # dense after dequantisation: editable and saveable like any model
         if _logits_finite(model, tokenizer):
-            return LoadedModel(model, tokenizer, adapter_for(model), source, model.dtype)
+            return LoadedModel(model, tokenizer, adapter_for(model), source, model.dtype, options.quantize)
         del model  # non-finite logits in a reduced dtype: retry in float32
     raise UserError(f"{reference} gives non-finite logits even in {fallbacks[-1]}; its weights may be corrupt")

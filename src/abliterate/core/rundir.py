@@ -23,9 +23,9 @@ STUDY_NAME = "abliterate"  # the Optuna study inside study.journal
 # Settings that define what a run measures: changing them makes it a different run, not a continuation.
 IDENTITY_KEYS = ("model", "revision", "harmful", "harmless", "column", "direction_prompts", "tune_prompts", "eval_prompts",
                  "max_new_tokens", "kl_tokens", "judge", "system_prompt", "dtype", "space", "search_prompts",
-                 "early_verdicts", "winsorize", "direction_harmful")
+                 "early_verdicts", "winsorize", "direction_harmful", "quantize")
 # What runs made before a setting existed did, so that resuming them with that setting is still recognised.
-LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0, "direction_harmful": "all"}
+LEGACY_IDENTITY = {"search_prompts": "all", "early_verdicts": False, "winsorize": 1.0, "direction_harmful": "all", "quantize": "none"}
 
 
 def identity(settings) -> dict:

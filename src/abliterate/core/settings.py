@@ -115,6 +115,18 @@ class ModelSettings(BaseModel):
     device_map: str | None = Field(None, description="Passed to transformers/accelerate: auto, cpu, cuda:0, or a JSON "
                                    "map; default auto on GPU.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the weights quantised with bitsandbytes for measuring and searching: 4bit (nf4, runs "
+        "on CPU too), 8bit (LLM.int8, CUDA); the saved model is always baked on full-precision weights.")
+    max_memory: str | None = Field(None, description="Most memory per device for accelerate's device map, e.g. "
+                                   "'cpu=8GB' or '0=20GB,cpu=64GB' or a JSON map; what does not fit goes to disk "
+                                   "(offload_folder).")
+    offload_folder: str | None = Field(None, description="Folder for weights offloaded to disk (default: a temporary "
+                                       "folder when max_memory is set).")
+
+    def loading(self) -> dict:
+        """The load_model keywords beyond model, dtype, device_map, revision and trust_remote_code."""
+        return {"quantize": self.quantize, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
 
 
 class MeasureSettings(ModelSettings):

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from abliterate.core.arch import Adapter
+from abliterate.core.load import input_device
 from abliterate.errors import UserError
 
 
@@ -50,7 +51,7 @@ def mean_last_token_residuals(model, tokenizer, adapter: Adapter, formatted_prom
         return hook
 
     handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(adapter.layers)]
-    device = next(model.parameters()).device
+    device = input_device(model)
     # Similar lengths in a batch waste less compute on padding; the mean does not depend on order.
     order = sorted(range(len(formatted_prompts)), key=lambda i: len(formatted_prompts[i]))
     try:

@@ -75,13 +75,14 @@ class Workbench:
     @classmethod
     def open(cls, model: str, prompts: PromptSplits, judge: str = "classifier", dtype: str = "auto",
              device_map=None, revision: str | None = None, trust_remote_code: bool = False, engine: str = "auto",
+             quantize: str = "none", max_memory=None, offload_folder: str | None = None,
              **measuring) -> "Workbench":
-        """Load `model` and set the bench up (`engine`: see `engine_name`; `measuring`: batch_size, max_new_tokens,
-        kl_tokens, system_prompt)."""
+        """Load `model` and set the bench up (`engine`: see `engine_name`; `quantize`, `max_memory`,
+        `offload_folder`: see `load_model`; `measuring`: batch_size, max_new_tokens, kl_tokens, system_prompt)."""
         judge_object = get_judge(judge) if isinstance(judge, str) else judge
         name = engine_name(engine)
-        return cls(load_model(model, dtype, device_map, revision, trust_remote_code), prompts, judge_object,
-                   engine_name=name, **measuring)
+        loaded = load_model(model, dtype, device_map, revision, trust_remote_code, quantize, max_memory, offload_folder)
+        return cls(loaded, prompts, judge_object, engine_name=name, **measuring)
 
     @property
     def model(self):
@@ -176,6 +177,9 @@ class Workbench:
 
     def bake(self, params: AblationParams, directions: Directions | None = None) -> list:
         """The ablation written into the weights (irreversible in memory); returns the edits made."""
+        if self.loaded.quantize != "none":
+            raise UserError(f"a {self.loaded.quantize} model's weights cannot be edited; bake on full-precision "
+                            "weights (abliterate apply, or run's save, which does)")
         edits = self.edits(params, directions)
         self.engine.bake(edits, params.norm_preserving)  # every copy the engine computes with (vLLM keeps its own)
         return edits

@@ -5,6 +5,11 @@ run), `directions.safetensors`, `study.journal` (Optuna's append-only log). Runn
 continues where it stopped; a finished run given more trials searches on and saves again.
 The saved model's numbers are measured on the baked weights in memory — exactly what is written — on the
 tune split the search optimised and, reported apart, on the held-out eval split.
+
+Big models: the memory plan (core/memory.py) runs before anything is written; `--quantize 4bit|8bit` measures the
+directions and every trial on the bitsandbytes model (edits as output hooks); the saved model is then baked from
+the full-precision safetensors checkpoint shard by shard (ship/shard_bake.py), and its numbers are the chosen
+trial's, measured on the quantised model with the edits as hooks (the record says so).
 """
 
 from __future__ import annotations
@@ -70,11 +75,13 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
     engine = engine_name(settings.engine)  # a missing engine package too
+    check_loading(settings)  # does it fit, and can a quantised run save: before anything is written
     state = rundir.prepare(output, settings)
-    hooks.status(f"loading {settings.model} (engine: {engine})")
+    hooks.status(f"loading {settings.model} (engine: {engine}{'' if settings.quantize == 'none' else ', ' + settings.quantize})")
     bench = Workbench.open(settings.model, prompts, judge, settings.dtype, settings.device_map, settings.revision,
-                           settings.trust_remote_code, engine, max_new_tokens=settings.max_new_tokens,
-                           kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
+                           settings.trust_remote_code, engine, **settings.loading(),
+                           max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
+                           system_prompt=settings.system_prompt)
     _set_batch_size(bench, settings, state, output, hooks)
     directions = bench.use(_directions(bench, settings, output, hooks))
     hooks.status("measuring the base model on the tune and eval splits")
@@ -106,13 +113,22 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
         hooks.status(f"trial {chosen.number} is already saved in {output}")  # a re-run after the save: nothing to redo
         return RunResult(output, chosen.number, params, state["base"], saved["metrics"]["abliterated"],
                          search.trials_run, study, saved)
-    hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
-    edits = bench.bake(params)
-    abliterated = {split: bench.measure(None, split).to_dict() for split in ("tune", "eval")}
+    in_place = _weights_editable(bench)
+    if not in_place:
+        hooks.status(f"measuring trial {chosen.number} with the edits as hooks (the loaded weights are "
+                     f"{'quantised' if settings.quantize != 'none' else 'offloaded'})")
+        abliterated = {split: bench.measure(params, split).to_dict() for split in ("tune", "eval")}
+    else:
+        hooks.status(f"baking trial {chosen.number} into the weights and measuring it")
+        edits = bench.bake(params)
+        abliterated = {split: bench.measure(None, split).to_dict() for split in ("tune", "eval")}
     record = _record(settings, bench, chosen, params, output / DIRECTIONS_FILE, directions, state["base"], abliterated,
                      len(finished_trials(study)))
     hooks.status(f"saving {output}")
-    _save(bench, output, settings, edits, record, hooks)
+    if not in_place:
+        _save_full_precision(settings, directions, params, output, record, hooks)
+    else:
+        _save(bench, output, settings, edits, record, hooks)
     return RunResult(output, chosen.number, params, state["base"], abliterated, search.trials_run, study, record)
 
 
@@ -212,6 +228,7 @@ def _record(settings: RunSettings, bench: Workbench, chosen, params: AblationPar
         "judge": bench.judge.name,
         "dtype": str(bench.loaded.dtype).removeprefix("torch."),
         "batch_size": bench.batch_size,
+        "devices": sorted({str(device) for device in (getattr(bench.model, "hf_device_map", None) or {}).values()}),
         "metrics": {"base": base, "abliterated": abliterated},
         "trials_finished": trials_finished,
     }
@@ -231,6 +248,60 @@ def _save(bench: Workbench, output: Path, settings: RunSettings, edits: list, re
         record["gguf"] = {"file": gguf_out.name, "tensors_edited": report.tensors_edited,
                           "retyped": {name: list(types) for name, types in report.retyped.items()}}
     bench.save(output, record, RECORD_FILE)
+
+
+def check_loading(settings: RunSettings) -> None:
+    """Before anything is written: the memory plan (refused in one line naming what would fit), and with --quantize,
+    that the trials can run (hooks: no norm-preserving weight swaps) and the save can bake full precision."""
+    from abliterate.core.load import check_fits, resolve
+
+    if settings.quantize != "none" and True in settings.space.norm_preserving:
+        raise UserError(f"--quantize {settings.quantize} cannot try norm-preserving edits (they rewrite weights); set "
+                        "space.norm_preserving = [false] or drop --quantize")
+    check_fits(settings.model, settings.dtype, settings.revision, settings.trust_remote_code, **settings.loading())
+    if settings.quantize != "none" and resolve(settings.model, settings.revision).is_local:  # a hub id: cached by the load
+        from abliterate.ship.shard_bake import find_checkpoint
+
+        if find_checkpoint(settings.model, settings.revision, settings.trust_remote_code) is None:
+            raise UserError(f"--quantize: run saves by baking {settings.model}'s full-precision safetensors checkpoint "
+                            "shard by shard, and there is none on disk; download it first or drop --quantize")
+
+
+def _weights_editable(bench: Workbench) -> bool:
+    """Whether a bake in memory writes what is saved: not for bitsandbytes weights, nor for weights accelerate
+    offloaded to disk (on the meta device in memory)."""
+    return bench.loaded.quantize == "none" and all(p.device.type != "meta" for p in bench.model.parameters())
+
+
+def _save_full_precision(settings: RunSettings, directions: Directions, params: AblationParams, output: Path,
+                         record: dict, hooks: Hooks) -> None:
+    """A quantised or offloaded run's model: the ablation baked shard by shard into the full-precision checkpoint (as stored),
+    staged beside the run's files and moved in; the record last, so its presence means the model is complete."""
+    import shutil
+
+    from abliterate.core.save import model_card
+    from abliterate.ship.shard_bake import open_checkpoint, plan_shard_edits, write_baked
+
+    loaded = f"{settings.quantize} (bitsandbytes)" if settings.quantize != "none" else "offloaded weights"
+    record["measured_on"] = f"{loaded} with the edits as hooks; the saved weights baked from the checkpoint as stored"
+    staging = output / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    (output / RECORD_FILE).unlink(missing_ok=True)
+    checkpoint = open_checkpoint(settings.model, settings.revision, settings.trust_remote_code)
+    plan = plan_shard_edits(checkpoint, directions, params, settings.trust_remote_code)
+    write_baked(plan, staging, {"README.md": model_card(record)},
+                on_shard=lambda step: _status_context(hooks, step.describe()))
+    for path in staging.iterdir():
+        path.replace(output / path.name)
+    staging.rmdir()
+    rundir.write_json(output / RECORD_FILE, record)
+
+
+def _status_context(hooks: Hooks, message: str):
+    import contextlib
+
+    hooks.status(message)
+    return contextlib.nullcontext()
 
 
 EXPORT_TARGETS = ("gguf", "ollama")

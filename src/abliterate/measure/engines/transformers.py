@@ -23,11 +23,12 @@ import torch
 
 from abliterate.measure.engines import static_decode
 from abliterate.measure.engines.prefix import PrefixCache, cache_of
+from abliterate.core.load import input_device
 from abliterate.plugins import Generation
 
 
 def device_of(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def batches_of(items: list, batch_size: int):
