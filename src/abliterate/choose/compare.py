@@ -340,7 +340,8 @@ def measure_model(bench, spec: ModelSpec, is_base: bool, prompts: PromptSets, se
         return timed(measure_refusals, bench.engine, bench.format(items), bench.judge, settings.max_new_tokens,
                      bench.batch_size, early_stop=False)
 
-    with bench.applied(params, _variant_directions(bench, spec)), MemoryMeter(bench.model) as meter:
+    ablation = params if spec.is_variant else None  # a saved model's recorded params are for the plot only
+    with bench.applied(ablation, _variant_directions(bench, spec)), MemoryMeter(bench.model) as meter:
         harmful, borderline = refusals(prompts.harmful), refusals(prompts.borderline)
         baseline = bench.baseline("eval")
         kl, kl_multi = baseline.kl(bench.engine, bench.batch_size), baseline.kl_multi_token(bench.engine, bench.batch_size)
@@ -557,7 +558,7 @@ def _lm_eval_into(result: ModelResult, bench, spec: ModelSpec, settings: Compare
     """Run lm-eval on this model (its ablation re-applied); a note (and no more lm-eval) when it cannot run."""
     status(f"lm-eval on {spec.label}: {', '.join(settings.lm_eval_tasks)}")
     try:
-        with bench.applied(spec.ablation_params(), _variant_directions(bench, spec)):
+        with bench.applied(spec.ablation_params() if spec.is_variant else None, _variant_directions(bench, spec)):
             result.lm_eval = run_lm_eval(bench.model, bench.tokenizer, settings.lm_eval_tasks, settings.lm_eval_limit,
                                          settings.batch_size)
     except Exception as error:  # noqa: BLE001 - lm-eval raises anything from dataset downloads to unknown task names
