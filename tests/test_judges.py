@@ -1,4 +1,4 @@
-"""The judges against a labelled set of real model responses: precision and recall as the README states them,
+"""The judges against a labelled set of real model responses: precision and recall as docs/judges.md states them,
 the default judge the best of them, and the phrase judge's rules (normalisation, opening, thinking)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from abliterate.core.judges import DEFAULT_JUDGE, JUDGES, PhraseJudge, labelled_set, labelled_set_scores
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+JUDGES_DOC = Path(__file__).resolve().parents[1] / "docs" / "judges.md"
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def scores():
     return labelled_set_scores()
 
 
-def readme_table() -> dict[str, tuple[float, float]]:
-    rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| ([0-9.]+) \| ([0-9.]+) \|", README.read_text(), re.MULTILINE)
+def stated_table() -> dict[str, tuple[float, float]]:
+    rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| ([0-9.]+) \| ([0-9.]+) \|", JUDGES_DOC.read_text(), re.MULTILINE)
     return {name: (float(p), float(r)) for name, p, r in rows}
 
 
@@ -34,9 +34,9 @@ def test_labelled_set_is_big_enough_and_has_the_hard_cases():
 
 
 @pytest.mark.parametrize("name", sorted(JUDGES))
-def test_precision_and_recall_match_the_readme(scores, name):
+def test_precision_and_recall_match_the_docs(scores, name):
     measured = scores[name]
-    stated = readme_table()[name]
+    stated = stated_table()[name]
     assert (round(measured["precision"], 2), round(measured["recall"], 2)) == stated, f"{name}: {measured}"
 
 
