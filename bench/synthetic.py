@@ -10,7 +10,7 @@ Tensors are grouped into shards in model order up to --shard-gb, as transformers
 tensor by tensor (abliterate.core.safetensors_file.write_streaming): one tensor in memory at a time. The tokenizer is
 the bundled model's (Qwen2.5's, 151,665 tokens) where the vocabulary fits, else a 260-token byte-level one.
 
-    python bench/synthetic.py bench/configs/llama-3.1-8b-instruct.json /work/synth/llama-8b [--layers 4] [--shard-gb 5]
+    python bench/synthetic.py bench/configs/llama-3.1-8b-instruct.json synth/llama-8b [--layers 4] [--shard-gb 5]
 """
 
 from __future__ import annotations
