@@ -1,4 +1,4 @@
-"""Shard-wise bake at scale: peak memory on a synthetic Llama-3.1-8B, and bit-identity with the in-memory bake.
+"""Big models on this machine: a search's memory and time on a synthetic 3B, and the shard-wise bake of an 8B.
 
 1. Builds (or reuses) a random-weight Llama-3.1-8B (the published config, bf16, ~5 GB shards: 16 GB; bench/synthetic.py)
    and bakes a one-direction ablation into it shard by shard in a child process: wall time and the child's peak RSS
@@ -7,11 +7,17 @@
    bakes the same way shard-wise and in memory (`load_model` + `bake` + `save_hf`), each in a child, and compares every
    stored tensor byte for byte.
 
+3. On a random-weight Qwen2.5-3B (all 36 layers, bf16): `abliterate run --trials 2` in a child (few prompts, 16
+   new tokens, batch 8): its peak RSS against the weights' bytes (target <= 1.3x), and the mean time of a trial
+   (KL pass + refusal generation, from the run's journal) against its floor: the same prompts through the bare
+   transformers model, one first-token forward over the harmless ones and a full-length greedy `generate` over the
+   harmful ones, in another child (target <= 1.5x; a trial may end answers early, the floor never does).
+
 Records through the harness (bench/results/scale.json, or scale-norm-preserving.json). Models live under --work
 (default ~/.cache/abliterate-bench/synth); the baked outputs are deleted, the synthetic bases kept for reruns (--clean
 deletes them too).
 
-    python bench/scale.py [--work DIR] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--clean]
+    python bench/scale.py [--work DIR] [--identity-layers 4] [--norm-preserving] [--skip-8b] [--skip-run] [--clean]
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 
-def measured(command: list[str]) -> dict:
+def measured(command: list[str], env: dict | None = None) -> dict:
     """Run `command` as a child: wall seconds, its peak RSS (GB), exit status. The one place that times things.
 
     Peak RSS is the child's VmHWM (/proc/PID/status, the high-water mark of its own address space since exec), read
     every 50 ms until it exits: monotonic, so the last reading is the peak. Not getrusage/wait4's ru_maxrss: on Linux
     that also counts the parent's RSS at fork, which exec carries over."""
     start = time.perf_counter()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     status_file, peak_kb = Path(f"/proc/{child.pid}/status"), 0
     while True:
         pid, status, _ = os.wait4(child.pid, os.WNOHANG)
@@ -107,6 +113,69 @@ def child(how: str, model: str, directions: str, out: str, layer: str, norm_pres
         save_hf(loaded.model, loaded.tokenizer, out)
 
 
+RUN_TOKENS, RUN_BATCH, RUN_PROMPTS = 16, 8, 8  # new tokens per answer, batch size, tune (and eval) prompts per set
+
+
+def search_in_child(model: Path, out: Path, trials: int) -> dict:
+    """`abliterate run` on the synthetic model, measured: peak RSS, wall, and the mean seconds of a trial's passes."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "ABLITERATE_DIRECTION_PROMPTS": "16", "ABLITERATE_BATCH_SIZE": str(RUN_BATCH)}
+    command = [sys.executable, "-m", "abliterate.cli", "run", str(model), "--trials", str(trials), "--startup-trials",
+               str(trials), "--tune-prompts", str(RUN_PROMPTS), "--eval-prompts", str(RUN_PROMPTS), "--dtype", "bfloat16",
+               "--max-new-tokens", str(RUN_TOKENS), "-o", str(out)]
+    result = measured(command, env)
+    import optuna
+
+    from abliterate.core.rundir import STUDY_FILE, STUDY_NAME
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
+    trials_done = optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
+    seconds = [t.user_attrs.get("kl_seconds", 0) + t.user_attrs.get("generation_seconds", 0) for t in trials_done]
+    return {**result, "trials": len(trials_done), "trial_s": round(sum(seconds) / max(len(seconds), 1), 2),
+            "cut_short": sum(bool(t.user_attrs.get("cut_short")) for t in trials_done)}
+
+
+def floor_child(model: str) -> None:
+    """What the floor child does: a trial's passes through the bare transformers model; prints seconds as JSON."""
+    import torch
+
+    from abliterate.core.load import load_model
+    from abliterate.core.prompts import format_prompts, load_prompts
+
+    loaded = load_model(model, "bfloat16")
+    tokenizer, hf = loaded.tokenizer, loaded.model
+    tokenizer.padding_side = "left"
+    harmful, harmless = (format_prompts(tokenizer, load_prompts(name, split="tune")[:RUN_PROMPTS])
+                         for name in ("harmful", "harmless"))
+
+    def batches(prompts):
+        for at in range(0, len(prompts), RUN_BATCH):
+            yield tokenizer(prompts[at:at + RUN_BATCH], return_tensors="pt", padding=True, add_special_tokens=False)
+
+    with torch.inference_mode():
+        for batch in batches(harmless[:RUN_BATCH]):  # warm-up: first calls pay for kernel selection
+            hf(**batch)
+        started = time.perf_counter()
+        for batch in batches(harmless):
+            hf(**batch)
+        for batch in batches(harmful):
+            hf.generate(**batch, max_new_tokens=RUN_TOKENS, min_new_tokens=RUN_TOKENS, do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        print(json.dumps({"floor_s": round(time.perf_counter() - started, 2)}), flush=True)
+
+
+def search_at_scale(work: Path, trials: int) -> dict:
+    model = synthetic_model("qwen2.5-3b-instruct", work / "qwen2.5-3b-36l", None, 0.5)
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    run = search_in_child(model, work / "qwen2.5-3b-run", trials)
+    shutil.rmtree(work / "qwen2.5-3b-run", ignore_errors=True)
+    floor = subprocess.run([sys.executable, __file__, "floor", str(model)], capture_output=True, text=True, check=True)
+    floor_s = json.loads(floor.stdout.strip().splitlines()[-1])["floor_s"]
+    return {**run, "weights_gb": round(weights / 1e9, 2), "rss_over_weights": round(run["peak_rss_gb"] * 1e9 / weights, 2),
+            "floor_s": floor_s, "trial_over_floor": round(run["trial_s"] / floor_s, 2),
+            "targets": {"rss_over_weights": 1.3, "trial_over_floor": 1.5}}
+
+
 def compare(base: Path, shard_wise: Path, in_memory: Path) -> dict:
     """Every tensor of both outputs byte for byte, one tensor at a time; how many the edit changed."""
     from safetensors import safe_open
@@ -139,6 +208,8 @@ def main() -> None:
     parser.add_argument("--identity-layers", type=int, default=4, help="layers of the Qwen2.5-3B-wide model; 0: all 36")
     parser.add_argument("--norm-preserving", action="store_true")
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--skip-run", action="store_true", help="skip the search on the 3B")
+    parser.add_argument("--trials", type=int, default=2, help="trials of the search on the 3B")
     parser.add_argument("--clean", action="store_true", help="delete the synthetic bases afterwards")
     args = parser.parse_args()
     work = Path(args.work)
@@ -169,15 +240,24 @@ def main() -> None:
         for path in (work / "llama-3.1-8b", work / name):
             shutil.rmtree(path, ignore_errors=True)
 
+    if not args.skip_run:
+        result["qwen2.5-3b run"] = search_at_scale(work, args.trials)
+
     big_run = result.get("llama-3.1-8b shard-wise", {})
     identity = result[f"{name} identity"]
     headline = (f"8B shard-wise bake peak RSS {big_run.get('peak_rss_gb', '-')} GB (target 3); "
                 f"{name}: bit-identical {identity.get('bit_identical')}")
+    if "qwen2.5-3b run" in result:
+        search = result["qwen2.5-3b run"]
+        headline += (f"; 3B run peak RSS {search['rss_over_weights']}x weights (target 1.3), trial "
+                     f"{search['trial_over_floor']}x its floor (target 1.5)")
     harness.record("scale-norm-preserving" if args.norm_preserving else "scale", result, title="shard-wise bake at scale",
                    headline=headline, path=args.json)
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
+    if len(sys.argv) > 1 and sys.argv[1] == "floor":
+        floor_child(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "child":
         child(*sys.argv[2:7], norm_preserving="--norm-preserving" in sys.argv)
     else:
         main()

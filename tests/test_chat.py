@@ -14,7 +14,7 @@ from abliterate.measure.ablation import AblationParams, ablate, plan_edits
 from abliterate.core.arch import adapter_for
 from abliterate.use.chat import Conversation, chat_loop, split_thoughts, stream_reply
 from abliterate.measure.directions import Directions
-from abliterate.measure.engines.transformers import generate
+from abliterate.measure.engines.transformers import TransformersEngine, generate
 from abliterate.core.prompts import format_conversation
 
 
@@ -38,14 +38,14 @@ def greedy(model, tokenizer, messages, tokens):
 def test_streamed_reply_is_the_greedy_continuation(llama):
     model, tokenizer = llama
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
-    assert "".join(stream_reply(model, tokenizer, messages, max_new_tokens=10)) == greedy(model, tokenizer, messages, 10)
+    assert "".join(stream_reply(TransformersEngine(model, tokenizer), messages, max_new_tokens=10)) == greedy(model, tokenizer, messages, 10)
 
 
 def test_chat_loop_keeps_history_and_obeys_commands(llama, tmp_path):
     model, tokenizer = llama
     lines = iter(["/system Be brief.", "hello", "/save " + str(tmp_path / "talk.json"), "/reset", "again", "/nope", "exit"])
     shown: list[tuple[str, str]] = []
-    conversation = chat_loop(model, tokenizer, lambda prompt: next(lines), lambda kind, text: shown.append((kind, text)),
+    conversation = chat_loop(TransformersEngine(model, tokenizer), lambda prompt: next(lines), lambda kind, text: shown.append((kind, text)),
                              max_new_tokens=6)
     saved = json.loads((tmp_path / "talk.json").read_text())["messages"]
     assert [m["role"] for m in saved] == ["system", "user", "assistant"]
@@ -64,7 +64,7 @@ def test_end_of_input_leaves_the_loop(llama):
     def read(prompt):
         raise EOFError
 
-    assert chat_loop(model, tokenizer, read, lambda kind, text: None).turns == []
+    assert chat_loop(TransformersEngine(model, tokenizer), read, lambda kind, text: None).turns == []
 
 
 def test_conversation_save_is_atomic(tmp_path):

@@ -173,6 +173,27 @@ def test_gguf_in_gguf_out_edits_only_what_the_ablation_changes(qwen_gguf, tmp_pa
     assert llama_cpp_greedy(edited, [[1, 2, 3]], 2)  # llama.cpp loads and generates
 
 
+@pytest.mark.parametrize("norm_preserving", [False, True])
+def test_the_tensor_by_tensor_gguf_edit_equals_the_dense_one_byte_for_byte(qwen_gguf, tmp_path, norm_preserving):
+    """`apply` on a .gguf edits it tensor by tensor, never loading the model: the file is the one the dense path
+    (load, bake, re-encode) writes, byte for byte."""
+    from abliterate.core.load import load_model
+    from abliterate.measure.ablation import AblationParams, bake, plan_edits
+    from abliterate.measure.directions import Directions
+    from abliterate.ship.gguf_edit import edit_gguf, edited_parameters, plan_gguf_edit, write_edited_gguf
+
+    directions = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)), dim=-1)
+    refusal = Directions(directions, metadata={"model": "random"})
+    params = AblationParams.single_direction(1.4, 1.2, norm_preserving=norm_preserving)
+    report = edit_gguf(plan_gguf_edit(qwen_gguf, refusal, params), tmp_path / "streamed.gguf")
+    loaded = load_model(str(qwen_gguf), "float32")
+    edits = plan_edits(loaded.adapter, refusal.fitted_to(loaded.adapter).directions, params)
+    bake(edits, norm_preserving)
+    dense = write_edited_gguf(qwen_gguf, tmp_path / "dense.gguf", loaded.model, edited_parameters(edits))
+    assert report.tensors_edited == dense.tensors_edited == 6
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "dense.gguf").read_bytes()
+
+
 def test_apply_to_gguf_needs_a_gguf_model(qwen_dir, tmp_path):
     result = CliRunner().invoke(main, ["apply", str(qwen_dir), "--directions", "x", "--layer", "1", "-o",
                                        str(tmp_path / "o.gguf")])

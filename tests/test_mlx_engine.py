@@ -195,3 +195,16 @@ def test_a_quantised_model_is_ablated_by_output_corrections_and_restored(bench):
             with engine.ablated(edits, norm_preserving=True):
                 pass
         assert torch.equal(engine.first_token_logprobs(harmful[:2]), base)
+
+
+@needs_mlx
+@pytest.mark.slow
+@pytest.mark.engines
+def test_a_streamed_answer_is_the_greedy_answer(bench):
+    """What chat and serve read (`stream`) joins to the engine's greedy answer, ablated; `stats` counts its tokens."""
+    loaded, edits, harmful, engine, reference = bench
+    with engine.ablated(edits):
+        stats: dict = {}
+        streamed = "".join(engine.stream(harmful[0], NEW_TOKENS, stats=stats))
+        assert streamed == engine.generate(harmful[:1], NEW_TOKENS).texts[0]
+    assert 0 < stats["completion_tokens"] <= NEW_TOKENS and stats["prompt_tokens"] > 0

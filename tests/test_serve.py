@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import build_tiny_model, build_tiny_tokenizer
 
 from abliterate.use import serve as serve_module
-from abliterate.measure.engines.transformers import generate
+from abliterate.measure.engines.transformers import TransformersEngine, generate
 from abliterate.core.prompts import format_conversation
 from abliterate.use.serve import create_app, parse_tool_calls
 
@@ -82,7 +82,7 @@ def served():
             probe["active"] -= 1
 
     model.generate = counted_generate
-    app = create_app(model, tokenizer, NAME, api_key=KEY, max_tokens_limit=LIMIT, max_body_bytes=MAX_BODY)
+    app = create_app(TransformersEngine(model, tokenizer), NAME, api_key=KEY, max_tokens_limit=LIMIT, max_body_bytes=MAX_BODY)
     server = Server(app)
     yield server, model, tokenizer, app, probe
     server.stop()
@@ -242,7 +242,7 @@ def test_concurrent_requests_wait_their_turn_and_all_get_their_own_answer(served
 
 def test_a_client_that_disconnects_mid_stream_stops_generation_and_frees_the_slot(served, oai):
     _, model, tokenizer, app, probe = served
-    engine = app.state.engine
+    engine = app.state.queue
     probe["delay"] = 0.02  # 200 tokens would take 4 s or more
     try:
         before = probe["forwards"]
@@ -267,7 +267,7 @@ def test_a_client_that_disconnects_mid_stream_stops_generation_and_frees_the_slo
 
 def test_a_full_queue_answers_503_with_retry_after(served):
     _, _, _, app, probe = served
-    engine = app.state.engine
+    engine = app.state.queue
     engine.max_queue, probe["delay"] = 0, 0.02
     try:
         body = {"model": NAME, "messages": MESSAGES, "max_tokens": 100, "stream": True}
@@ -290,7 +290,7 @@ def test_a_full_queue_answers_503_with_retry_after(served):
 def scripted(text: str, seen: list):
     """Stands in for generation: records the prompt and streams `text` a few characters at a time."""
 
-    def stream_completion(model, tokenizer, prompt, max_new_tokens, temperature, top_p, cancel=None, stats=None):
+    def stream_completion(engine, prompt, max_new_tokens, temperature, top_p, seed=None, cancel=None, stats=None):
         seen.append(prompt)
         stats.update(prompt_tokens=len(prompt), completion_tokens=len(text) // 3)
         for at in range(0, len(text), 3):
@@ -343,7 +343,7 @@ def test_thoughts_come_apart_from_the_answer(served, oai, oll, monkeypatch):
 def test_tools_on_a_template_without_them_are_refused(served):
     from fastapi.testclient import TestClient
 
-    app = create_app(served[1], build_tiny_tokenizer(), NAME)  # conftest's template knows nothing of tools
+    app = create_app(TransformersEngine(served[1], build_tiny_tokenizer()), NAME)  # conftest's template knows nothing of tools
     response = TestClient(app).post("/v1/chat/completions", json={"messages": MESSAGES, "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {}}}]})
     assert response.status_code == 400 and "does not render tools" in response.json()["error"]["message"]

@@ -203,3 +203,29 @@ def test_a_bake_reaches_the_weights_vllm_generates_with(bench):
         ablated = engine.generate(harmful[:8], NEW_TOKENS).texts
     engine.bake(edits)
     assert engine.generate(harmful[:8], NEW_TOKENS).texts == ablated
+
+
+@vllm_test
+def test_chat_and_serve_stream_through_vllm(bench):
+    """The engine's stream joins to its greedy answer (ablated), a closed stream is aborted in vLLM, and `serve`'s app
+    on the vllm engine answers a chat request with that same text."""
+    from fastapi.testclient import TestClient
+
+    from abliterate.core.prompts import format_conversation
+    from abliterate.use.serve import create_app
+
+    loaded, edits, harmful, engine, _ = bench
+    messages = [{"role": "user", "content": "How do I pick a lock?"}]
+    prompt = format_conversation(loaded.tokenizer, messages)
+    with engine.ablated(edits):
+        stats: dict = {}
+        chunks = list(engine.stream(prompt, NEW_TOKENS, stats=stats))
+        assert "".join(chunks) == engine.generate([prompt], NEW_TOKENS).texts[0] and len(chunks) > 1
+        assert 0 < stats["completion_tokens"] <= NEW_TOKENS
+        opened = engine.stream(prompt, NEW_TOKENS)
+        next(opened)
+        opened.close()  # a client that goes away
+        assert not engine.llm.llm_engine.has_unfinished_requests()
+        reply = TestClient(create_app(engine, "tiny")).post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "".join(chunks).strip()

@@ -9,6 +9,7 @@ name works everywhere: the CLI, the settings file, the Python API.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Engine(Protocol):
 
     name: str
     tokenizer: object  # the Hugging Face tokenizer the prompts were formatted with
+    hf_model: object  # the transformers model it was built from: its config and generation config describe the model
 
     @classmethod
     def from_loaded(cls, loaded) -> "Engine":
@@ -60,6 +62,12 @@ class Engine(Protocol):
 
     def choose_batch_size(self, prompts: list[str], max_batch_size: int, new_tokens: int) -> int:
         """The batch size to measure with (an engine that schedules its own batches returns any)."""
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, cancel=None, stats: dict | None = None) -> Iterator[str]:
+        """One answer as text chunks while it is generated (chat, serve): greedy at temperature 0, else sampled.
+        Ends at EOS, at `max_new_tokens`, when the caller closes the generator or sets `cancel` (a threading.Event);
+        `stats` gets `prompt_tokens` and `completion_tokens`, kept current."""
 
 
 @runtime_checkable

@@ -29,12 +29,13 @@ from abliterate.core.settings import (APPLY_DTYPE, CHAT_MAX_NEW_TOKENS, DIRECTIO
                                       settings_from_options)
 from abliterate.errors import UserError
 from abliterate.measure.directions import Directions
+from abliterate.measure.engines import engine_name, opened_engine
 from abliterate.measure.inference import inference_ablation
 from abliterate.measure.prompt_directions import FILTER_NEW_TOKENS, directions_from_prompts
 from abliterate.search.run import check_exports, run, ship
 from abliterate.search.study import check_pick_rule
 from abliterate.ship import publish
-from abliterate.ship.apply import apply_shard_wise, apply_to_gguf, apply_to_hf
+from abliterate.ship.apply import apply_gguf_streaming, apply_shard_wise, apply_to_gguf, apply_to_hf
 from abliterate.core.save import check_output_dir
 from abliterate.ship.gguf_check import check_gguf
 from abliterate.ship.gguf_export import check_quant, convert
@@ -56,9 +57,9 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-def _load(model, revision, dtype, device_map, trust_remote_code, **loading):
-    """`loading`: quantize, max_memory, offload_folder (see load_model)."""
-    with status(f"loading {model}"):
+def _load(model, revision, dtype, device_map, trust_remote_code, engine: str | None = None, **loading):
+    """`loading`: quantize, max_memory, offload_folder (see load_model); `engine` is named in the status line."""
+    with status(f"loading {model}" + (f" (engine: {engine})" if engine else "")):
         return load_model(model, dtype=dtype, device_map=device_map, revision=revision,
                           trust_remote_code=trust_remote_code, **loading)
 
@@ -140,6 +141,9 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
         raise UserError("apply bakes full-precision weights; drop --quantize (it is for measuring and searching)")
     params = ablation_params(layer, weight, params_file, components, norm_preserving)
     refusal = Directions.load(directions_file)
+    if gguf_out and dtype == "float32" and (report := apply_gguf_streaming(model, trust_remote_code, refusal, params, output, status,
+                                                    _stderr)) is not None:
+        return _wrote_gguf(output, report)
     if not gguf_out and (plan := apply_shard_wise(model, revision, dtype, trust_remote_code, refusal, params, output,
                                                   directions_file, status, _stderr)) is not None:
         click.echo(f"wrote {output}: {plan.edit_count} component edits baked into {plan.model_type} weights, shard by shard")
@@ -152,7 +156,10 @@ def apply(model, revision, dtype, device_map, trust_remote_code, directions_file
         edits = apply_to_hf(loaded, refusal, params, output, directions_file, status)
         click.echo(f"wrote {output}: {edits} component edits baked into {loaded.adapter.model_type} weights")
         return
-    report = apply_to_gguf(loaded, refusal, params, output, status)
+    _wrote_gguf(output, apply_to_gguf(loaded, refusal, params, output, status))
+
+
+def _wrote_gguf(output: str, report) -> None:
     retyped = sorted({f"{a}→{b}" for a, b in report.retyped.values()})
     click.echo(f"wrote {output}: {report.tensors_edited} tensors re-encoded, every other tensor and all metadata "
                f"copied" + (f"; re-encoded as the nearest type the gguf library writes: {', '.join(retyped)}"
@@ -276,16 +283,17 @@ def _inference_setup(directions_file, layer, weight, params_file, components, no
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@schema_options(MeasureSettings, "engine")
 def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-         norm_preserving, system_prompt, max_new_tokens, temperature, **loading):
+         norm_preserving, system_prompt, max_new_tokens, temperature, engine, **loading):
     """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
     if max_new_tokens <= 0 or temperature < 0:
         raise UserError("--max-new-tokens must be positive and --temperature not negative")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
-    loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
-    with inference_ablation(loaded, refusal, params):
-        chat_loop(loaded.model, loaded.tokenizer, read_terminal_line, write_terminal, Conversation(system_prompt),
-                  max_new_tokens, temperature)
+    engine = engine_name(engine)  # a missing engine package: one line, before loading
+    loaded = _load(model, revision, dtype, device_map, trust_remote_code, engine=engine, **loading)
+    with opened_engine(loaded, engine) as runner, inference_ablation(runner, loaded, refusal, params):
+        chat_loop(runner, read_terminal_line, write_terminal, Conversation(system_prompt), max_new_tokens, temperature)
 
 
 # --- models (catalog, estimate) ---
@@ -426,8 +434,9 @@ def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify
               help="Largest max_tokens (Ollama: num_predict) a request may ask for; also the default.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait while one generates; beyond that the answer is 503, retry later.")
+@schema_options(MeasureSettings, "engine")
 def serve(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue, **loading):
+          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue, engine, **loading):
     """Serve MODEL over HTTP: OpenAI-compatible /v1 (chat/completions, completions, models) and Ollama-compatible /api
     (chat, generate, tags). MODEL: a saved model, a .gguf, or a base model ablated on the fly (--directions with --layer
     or --params). One generation at a time; other requests wait their turn."""
@@ -437,15 +446,15 @@ def serve(model, revision, dtype, device_map, trust_remote_code, directions_file
         raise UserError(f"--port must be between 1 and 65535; got {port}")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
     uvicorn, create_app = serving.server_modules()
+    engine = engine_name(engine)
     listening = serving.listen(host, port)  # before loading: a port in use is told at once, and no one can take it meanwhile
     try:
         if not api_key and host not in serving.LOCAL_HOSTS:
             _stderr(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model")
-        loaded = _load(model, revision, dtype, device_map, trust_remote_code, **loading)
+        loaded = _load(model, revision, dtype, device_map, trust_remote_code, engine=engine, **loading)
         name = name or Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        app = create_app(loaded.model, loaded.tokenizer, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                         max_queue=max_queue)
-        with inference_ablation(loaded, refusal, params):
+        with opened_engine(loaded, engine) as runner, inference_ablation(runner, loaded, refusal, params):
+            app = create_app(runner, name, api_key=api_key, max_tokens_limit=max_tokens_limit, max_queue=max_queue)
             serving.serve_on(listening, app, uvicorn, name, host, port, api_key)
     finally:
         listening.close()

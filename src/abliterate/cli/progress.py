@@ -103,11 +103,11 @@ class RunDisplay(Hooks):
             return numbers[number], ("more", more)
         return numbers[number], {"s": "save", "c": "chat", "q": "quit"}[action]
 
-    def chat(self, model, tokenizer) -> None:
+    def chat(self, engine) -> None:
         from abliterate.use.chat import chat_loop, read_terminal_line, write_terminal
 
         self.console.print("[dim]chatting with the chosen trial's model (ablation applied in memory); exit returns here[/dim]")
-        chat_loop(model, tokenizer, read_terminal_line, write_terminal, max_new_tokens=256)
+        chat_loop(engine, read_terminal_line, write_terminal, max_new_tokens=256)
 
     def summary(self, result) -> None:
         total = result.base["tune"]["total"]

@@ -67,7 +67,7 @@ class Hooks:
     def choose(self, study, total: int):  # -> (trial, action) or None for the settings' pick rule
         return None
 
-    def chat(self, model, tokenizer) -> None: ...
+    def chat(self, engine) -> None: ...
 
 
 def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunResult:
@@ -205,7 +205,7 @@ def _choose(search: Search, bench: Workbench, settings: RunSettings, total: int,
         if action == "chat":  # talk to the trial's model: the ablation in memory, removed afterwards
             params = AblationParams.from_dict(chosen.user_attrs["params"])
             with bench.engine.ablated(bench.edits(params), params.norm_preserving):
-                hooks.chat(bench.model, bench.tokenizer)
+                hooks.chat(bench.engine)
         elif isinstance(action, tuple) and action[0] == "more":
             search.until(len(finished_trials(search.study)) + action[1])
         else:

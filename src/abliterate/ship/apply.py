@@ -3,7 +3,8 @@ edited in place of a GGUF).
 
 A safetensors model on disk (a folder, the bundled alias, or a hub id complete in the local HF cache) edited in its
 stored dtype is baked shard by shard without loading it (ship/shard_bake.py): the same tensors, bit for bit, in the
-checkpoint's own shard layout, in about one tensor's memory. Anything else is loaded and baked in memory."""
+checkpoint's own shard layout, in about one tensor's memory; a GGUF likewise, tensor by tensor (ship/gguf_edit.py).
+Anything else is loaded and baked in memory."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from abliterate.core.save import save_hf
 from abliterate.core.settings import APPLY_DTYPE
 from abliterate.measure.ablation import bake, plan_edits
 from abliterate.ship.shard_bake import NotShardable, ShardPlan, find_checkpoint, plan_shard_edits, write_baked
-from abliterate.ship.gguf_edit import edited_parameters, write_edited_gguf
+from abliterate.ship.gguf_edit import GGUFEdit, NotStreamable, edit_gguf, edited_parameters, plan_gguf_edit, write_edited_gguf
 
 Status = Callable[[str], ContextManager]
 
@@ -66,6 +67,21 @@ def apply_shard_wise(model: str, revision, dtype: str, trust_remote_code: bool, 
     record = _record(model, revision, refusal, params, directions_file, plan.edit_count)
     write_baked(plan, output, {"abliteration.json": record}, on_shard=lambda step: status(step.describe()))
     return plan
+
+
+def apply_gguf_streaming(model: str, trust_remote_code: bool, refusal, params, output: str,
+                         status: Status = lambda message: contextlib.nullcontext(),
+                         note=lambda line: None) -> GGUFEdit | None:
+    """Edit the .gguf `model` tensor by tensor into `output` without loading it; the report, or None when this
+    architecture needs the dense path (then load it and use `apply_to_gguf`; `note` hears why)."""
+    try:
+        with status("planning the edit from the GGUF's config"):
+            plan = plan_gguf_edit(model, refusal, params, trust_remote_code)
+        with status(f"writing {output}, tensor by tensor"):
+            return edit_gguf(plan, output)
+    except NotStreamable as reason:
+        note(f"loading the whole model: {reason}")
+        return None
 
 
 def apply_to_gguf(loaded, refusal, params, output: str, status: Status = lambda message: contextlib.nullcontext()):

@@ -148,17 +148,20 @@ def open_checkpoint(reference: str, revision: str | None = None, trust_remote_co
 
 
 def _skeleton(checkpoint: Checkpoint, trust_remote_code: bool):
-    """The model without weights (meta device), from config.json alone: module names and shapes."""
+    if getattr(checkpoint.config, "quantization_config", None):
+        raise NotShardable(f"{checkpoint.reference} is quantized; shard-wise bake edits float weights only")
+    return skeleton(checkpoint.config, checkpoint.reference, trust_remote_code)
+
+
+def skeleton(config, reference: str, trust_remote_code: bool = False):
+    """The model without weights (meta device), from its config alone: module names and shapes."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = checkpoint.config
-    if getattr(config, "quantization_config", None):
-        raise NotShardable(f"{checkpoint.reference} is quantized; shard-wise bake edits float weights only")
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise NotShardable(f"{checkpoint.reference} is not a plain causal LM (its checkpoint names differ from the "
-                           "model's); shard-wise bake does not map them")
+        raise NotShardable(f"{reference} is not a plain causal LM (its stored names differ from the model's); "
+                           "a tensor-by-tensor edit does not map them")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()  # as loading would (from_config leaves a meta model untied in transformers 5.25)

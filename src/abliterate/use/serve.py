@@ -4,10 +4,11 @@ This module runs the generations and assembles the app (`create_app`): the API k
 JSON, and the routes of openai_api.py (/v1) and ollama_api.py (/api), which share api_common.py. Errors are JSON in
 each API's own shape: `{"error": {"message", "type", ...}}` under /v1, `{"error": "..."}` under /api.
 
-Requests are queued, not batched: transformers' `generate` on one model is not safe to run twice at once, so one
-generation runs at a time and the others wait their turn in order (a bounded queue: when it is full the answer is
-503 with `Retry-After`). Generation runs in a worker thread, so the server keeps answering while it works; a
-client that disconnects stops its generation within a token and frees the slot for the next request.
+Generation is the engine's `stream` (transformers, vLLM or MLX: `abliterate.plugins.Engine`). Requests are
+queued, not batched: an engine's model is not safe to generate with twice at once, so one generation runs at a time
+and the others wait their turn in order (a bounded queue: when it is full the answer is 503 with `Retry-After`).
+Generation runs in a worker thread, so the server keeps answering while it works; a client that disconnects stops
+its generation within a token and frees the slot for the next request.
 
 Sampling: temperature and top_p default to the model's generation_config (greedy when it does not sample);
 `max_tokens` (Ollama: `num_predict`) above the server's limit is refused, and is cut to what the model's context
@@ -57,14 +58,15 @@ _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 # --- the app ---
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
+def create_app(engine, model_name: str, api_key: str | None = None,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
-    """The ASGI app serving `model` under `model_name`. `api_key`: every request but GET / must carry it."""
-    engine = _Engine(model, tokenizer, max_queue)
-    served = ServedModel(model, tokenizer, model_name, max_tokens_limit, engine.submit)
+    """The ASGI app serving the model `engine` runs (an `abliterate.plugins.Engine`) under `model_name`. `api_key`:
+    every request but GET / must carry it."""
+    queue = _Queue(engine, max_queue)
+    served = ServedModel(engine.hf_model, engine.tokenizer, model_name, max_tokens_limit, queue.submit)
     app = FastAPI(title="abliterate", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.queue = queue
     _add_error_handlers(app)
     app.include_router(openai_router(served))
     app.include_router(ollama_router(served))
@@ -112,11 +114,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --- generation: one at a time, in a worker thread ---
 
 
-class _Engine:
+class _Queue:
     """The generation call behind ServedModel.submit: a FIFO lock (one generation at a time) and a bounded queue."""
 
-    def __init__(self, model, tokenizer, max_queue: int):
-        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+    def __init__(self, engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
         self.lock = asyncio.Lock()  # FIFO: waiters get it in the order they asked
         self.pending = 0  # running + waiting
         self.generations = 0
@@ -165,12 +167,8 @@ class _Engine:
         stopped: list[str] = []
         calls: list[dict] = []
         try:
-            if plan.seed is not None:
-                import torch
-
-                torch.manual_seed(plan.seed)  # no other generation runs meanwhile: the lock is held
-            chunks = stream_completion(self.model, self.tokenizer, plan.prompt, plan.max_new_tokens, plan.temperature,
-                                       plan.top_p, cancel=job.cancelled, stats=job.stats)
+            chunks = stream_completion(self.engine, plan.prompt, plan.max_new_tokens, plan.temperature, plan.top_p,
+                                       seed=plan.seed, cancel=job.cancelled, stats=job.stats)
             try:
                 texts = _timed(_until_stop(chunks, plan.stops, stopped), first)
                 events = split_thoughts(texts) if plan.thoughts else (("answer", text) for text in texts)

