@@ -50,6 +50,16 @@ def test_engine_vllm_without_vllm_is_one_line_before_anything_is_loaded_or_writt
     assert_clean_failure(invoke("eval", "tiny", "--engine", "fast"), "unknown engine 'fast'")
 
 
+def test_tensor_parallel_on_another_engine_is_one_line_before_anything_is_loaded(tmp_path):
+    from conftest import assert_clean_failure, invoke
+
+    output = tmp_path / "run"
+    for command in (["run", "tiny", "-o", str(output)], ["eval", "tiny"], ["chat", "tiny"], ["serve", "tiny"]):
+        assert_clean_failure(invoke(*command, "--engine", "transformers", "--tensor-parallel", "2"), "--engine vllm")
+    assert not output.exists() or not any(output.iterdir())
+    assert_clean_failure(invoke("eval", "tiny", "--tensor-parallel", "0"), "tensor")
+
+
 @pytest.fixture(scope="module")
 def bench():
     """(loaded model, edits of one trial, formatted harmful prompts, the vllm engine, the transformers engine)."""

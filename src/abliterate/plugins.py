@@ -41,9 +41,9 @@ class Engine(Protocol):
     hf_model: object  # the transformers model it was built from: its config and generation config describe the model
 
     @classmethod
-    def from_loaded(cls, loaded) -> "Engine":
+    def from_loaded(cls, loaded, **options) -> "Engine":
         """The engine for a model `abliterate.core.load.load_model` loaded (it may load its own copy from the same
-        weights, as vLLM does)."""
+        weights, as vLLM does). `options`: the engine's own settings (vllm: tensor_parallel)."""
 
     def ablated(self, edits: list, norm_preserving: bool) -> AbstractContextManager:
         """The ablation applied for the duration of a `with` block, then removed exactly."""

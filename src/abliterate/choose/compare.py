@@ -539,7 +539,7 @@ def _open(reference: str, prompts: PromptSets, judge, settings: CompareSettings,
     status(f"loading {reference}")
     return Workbench.open(reference, PromptSplits(eval=(prompts.harmful, prompts.benign)), judge, settings.dtype,
                           settings.device_map, trust_remote_code=settings.trust_remote_code, engine=settings.engine,
-                          **settings.loading(),
+                          **settings.loading(), tensor_parallel=settings.tensor_parallel,
                           batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
                           kl_tokens=settings.kl_tokens, system_prompt=settings.system_prompt)
 

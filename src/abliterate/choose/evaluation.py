@@ -77,8 +77,9 @@ def evaluate_model(settings: MeasureSettings, *, base: str | None = None, harmfu
 
 def _open(model: str, revision: str | None, prompts: PromptSplits, settings: MeasureSettings,
           status: Status) -> Workbench:
-    with status(f"loading {model} (engine: {engine_name(settings.engine)})"):
+    with status(f"loading {model} (engine: {engine_name(settings.engine, settings.tensor_parallel)})"):
         return Workbench.open(model, prompts, settings.judge, settings.dtype, settings.device_map, revision,
-                              settings.trust_remote_code, settings.engine, **settings.loading(), batch_size=settings.batch_size or 16,
+                              settings.trust_remote_code, settings.engine, **settings.loading(),
+                              tensor_parallel=settings.tensor_parallel, batch_size=settings.batch_size or 16,
                               max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
                               system_prompt=settings.system_prompt)

@@ -244,6 +244,7 @@ def _open(reference: str, prompts, settings: VerifySettings, status):
     status(f"loading {reference}")
     return Workbench.open(reference, prompts, settings.judge, settings.dtype, settings.device_map,
                           trust_remote_code=settings.trust_remote_code, engine=settings.engine, **settings.loading(),
+                          tensor_parallel=settings.tensor_parallel,
                           batch_size=settings.batch_size,
                           max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
                           system_prompt=settings.system_prompt)

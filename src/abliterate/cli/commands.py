@@ -191,7 +191,7 @@ def _run_settings(model, output, config_file, resume, export_targets, flags) -> 
 @schema_options(RunSettings, "trials", "startup_trials", "seed", "pick", unset=True)
 @click.option("--config", "config_file", default=None, help="TOML settings file (default ./config.toml if present).")
 @schema_options(RunSettings, "harmful", "harmless", "column", "tune_prompts", "eval_prompts", "max_new_tokens", "judge",
-                "engine", "dtype", "device_map", "quantize", "max_memory", "offload_folder", "revision", "trust_remote_code",
+                "engine", "tensor_parallel", "dtype", "device_map", "quantize", "max_memory", "offload_folder", "revision", "trust_remote_code",
                 "name", unset=True)
 @click.option("--export", "export_targets", default=None, help="After saving, also export: gguf, ollama (comma list).")
 @schema_options(RunSettings, "quant", unset=True)
@@ -235,7 +235,7 @@ def _upload(output: str, repo: str) -> None:
 @schema_options(PromptSettings, "harmful", "harmless", "column")
 @click.option("--split", default=None, help="train/tune/eval (default: eval for the bundled sets, every prompt of a file).")
 @click.option("--limit", type=int, default=None, help="At most this many prompts of each set.")
-@schema_options(MeasureSettings, "max_new_tokens", "kl_tokens", "judge", "engine", "system_prompt")
+@schema_options(MeasureSettings, "max_new_tokens", "kl_tokens", "judge", "engine", "tensor_parallel", "system_prompt")
 @click.option("--perplexity", "perplexity_file", default=None, help="Also report perplexity on this UTF-8 text file.")
 @schema_options(MeasureSettings, "batch_size")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -283,16 +283,16 @@ def _inference_setup(directions_file, layer, weight, params_file, components, no
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-new-tokens", type=int, default=CHAT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@schema_options(MeasureSettings, "engine")
+@schema_options(MeasureSettings, "engine", "tensor_parallel")
 def chat(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-         norm_preserving, system_prompt, max_new_tokens, temperature, engine, **loading):
+         norm_preserving, system_prompt, max_new_tokens, temperature, engine, tensor_parallel, **loading):
     """Chat with MODEL in the terminal: a saved model, a .gguf, or a base model ablated on the fly."""
     if max_new_tokens <= 0 or temperature < 0:
         raise UserError("--max-new-tokens must be positive and --temperature not negative")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
-    engine = engine_name(engine)  # a missing engine package: one line, before loading
+    engine = engine_name(engine, tensor_parallel)  # a missing engine package: one line, before loading
     loaded = _load(model, revision, dtype, device_map, trust_remote_code, engine=engine, **loading)
-    with opened_engine(loaded, engine) as runner, inference_ablation(runner, loaded, refusal, params):
+    with opened_engine(loaded, engine, tensor_parallel) as runner, inference_ablation(runner, loaded, refusal, params):
         chat_loop(runner, read_terminal_line, write_terminal, Conversation(system_prompt), max_new_tokens, temperature)
 
 
@@ -434,9 +434,9 @@ def export_gguf_command(model_dir, output, quant, verify, verify_prompts, verify
               help="Largest max_tokens (Ollama: num_predict) a request may ask for; also the default.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests that may wait while one generates; beyond that the answer is 503, retry later.")
-@schema_options(MeasureSettings, "engine")
+@schema_options(MeasureSettings, "engine", "tensor_parallel")
 def serve(model, revision, dtype, device_map, trust_remote_code, directions_file, layer, weight, params_file, components,
-          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue, engine, **loading):
+          norm_preserving, host, port, api_key, name, max_tokens_limit, max_queue, engine, tensor_parallel, **loading):
     """Serve MODEL over HTTP: OpenAI-compatible /v1 (chat/completions, completions, models) and Ollama-compatible /api
     (chat, generate, tags). MODEL: a saved model, a .gguf, or a base model ablated on the fly (--directions with --layer
     or --params). One generation at a time; other requests wait their turn."""
@@ -446,14 +446,14 @@ def serve(model, revision, dtype, device_map, trust_remote_code, directions_file
         raise UserError(f"--port must be between 1 and 65535; got {port}")
     refusal, params = _inference_setup(directions_file, layer, weight, params_file, components, norm_preserving)
     uvicorn, create_app = serving.server_modules()
-    engine = engine_name(engine)
+    engine = engine_name(engine, tensor_parallel)
     listening = serving.listen(host, port)  # before loading: a port in use is told at once, and no one can take it meanwhile
     try:
         if not api_key and host not in serving.LOCAL_HOSTS:
             _stderr(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model")
         loaded = _load(model, revision, dtype, device_map, trust_remote_code, engine=engine, **loading)
         name = name or Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        with opened_engine(loaded, engine) as runner, inference_ablation(runner, loaded, refusal, params):
+        with opened_engine(loaded, engine, tensor_parallel) as runner, inference_ablation(runner, loaded, refusal, params):
             app = create_app(runner, name, api_key=api_key, max_tokens_limit=max_tokens_limit, max_queue=max_queue)
             serving.serve_on(listening, app, uvicorn, name, host, port, api_key)
     finally:
@@ -496,7 +496,7 @@ def compare():
 @click.option("--base", default=None, help="Base for KL (a row too). Default: the base the models record, else the first.")
 @click.option("-o", "--output", default="compare-report", show_default=True, help="Report directory (must not exist or be empty).")
 @schema_options(CompareSettings, "limit", "max_new_tokens", "probe_tokens", "probes", "paraphrase_groups", "kl_tokens",
-                "judge", "engine", "system_prompt", "batch_size", "directions", "direction_prompts", "sheet_prompts", "seed",
+                "judge", "engine", "tensor_parallel", "system_prompt", "batch_size", "directions", "direction_prompts", "sheet_prompts", "seed",
                 "lm_eval_tasks", "lm_eval_limit", "dtype", "device_map", "quantize", "max_memory", "offload_folder",
                 "trust_remote_code",
                 flags={"paraphrase_groups": "--paraphrases", "lm_eval_tasks": "--lm-eval"})
@@ -545,7 +545,7 @@ def compare_reveal(sheet, ratings, key_file, as_json):
 @click.option("--base", default=None, help="The model it was made from. Default: base_model in MODEL/abliteration.json "
               "(or BASE of a BASE::DIRECTIONS::PARAMS variant).")
 @schema_options(VerifySettings, "prompts", "max_new_tokens", "reasoning_probes", "reasoning_tokens", "kl_prompts",
-                "kl_tokens", "judge", "engine", "min_answered", "on_topic", "reasoning_slack", "max_kl", "max_kl_multi",
+                "kl_tokens", "judge", "engine", "tensor_parallel", "min_answered", "on_topic", "reasoning_slack", "max_kl", "max_kl_multi",
                 "system_prompt", "batch_size", "dtype", "device_map", "quantize", "max_memory", "offload_folder",
                 "trust_remote_code")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

@@ -133,8 +133,10 @@ class MeasureSettings(ModelSettings):
     """What measures a model's answers: refusals by a judge, KL against a base. run, eval, compare and verify."""
 
     judge: str = Field("classifier", description="Refusal judge: classifier, phrase, embedding.")
-    engine: str = Field("auto", description="What generates: auto (vllm on a CUDA GPU where installed, else "
-                        "transformers), transformers, vllm.")
+    engine: str = Field("auto", description="What generates: auto (vllm on a CUDA GPU where installed, mlx on Apple "
+                        "silicon where installed, else transformers), transformers, vllm, mlx.")
+    tensor_parallel: int = Field(1, ge=1, description="GPUs the vllm engine splits the model over (tensor "
+                                 "parallelism); 1 for the other engines.")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per response when counting refusals.")
     kl_tokens: int = Field(16, ge=0, description="Tokens of the base's continuation for the reported multi-token KL "
                            "(0: off).")

@@ -64,25 +64,27 @@ class Workbench:
     kl_tokens: int = 16
     system_prompt: str | None = None
     engine_name: str = "transformers"  # a name in abliterate.plugins.ENGINES
+    tensor_parallel: int = 1  # GPUs the vllm engine splits the model over
     engine: Engine = field(init=False)
     baselines: dict[str, Baseline] = field(default_factory=dict, init=False)
     current_directions: Directions | None = field(default=None, init=False)
     base: "Workbench | None" = field(default=None, init=False)  # KL is measured against its model (default: own)
 
     def __post_init__(self):
-        self.engine = plugin(ENGINES, self.engine_name).from_loaded(self.loaded)
+        options = {"tensor_parallel": self.tensor_parallel} if self.engine_name == "vllm" else {}
+        self.engine = plugin(ENGINES, self.engine_name).from_loaded(self.loaded, **options)
 
     @classmethod
     def open(cls, model: str, prompts: PromptSplits, judge: str = "classifier", dtype: str = "auto",
              device_map=None, revision: str | None = None, trust_remote_code: bool = False, engine: str = "auto",
-             quantize: str = "none", max_memory=None, offload_folder: str | None = None,
+             quantize: str = "none", max_memory=None, offload_folder: str | None = None, tensor_parallel: int = 1,
              **measuring) -> "Workbench":
         """Load `model` and set the bench up (`engine`: see `engine_name`; `quantize`, `max_memory`,
         `offload_folder`: see `load_model`; `measuring`: batch_size, max_new_tokens, kl_tokens, system_prompt)."""
         judge_object = get_judge(judge) if isinstance(judge, str) else judge
-        name = engine_name(engine)
+        name = engine_name(engine, tensor_parallel)
         loaded = load_model(model, dtype, device_map, revision, trust_remote_code, quantize, max_memory, offload_folder)
-        return cls(loaded, prompts, judge_object, engine_name=name, **measuring)
+        return cls(loaded, prompts, judge_object, engine_name=name, tensor_parallel=tensor_parallel, **measuring)
 
     @property
     def model(self):

@@ -74,13 +74,13 @@ def run(settings: RunSettings, output: Path, hooks: Hooks | None = None) -> RunR
     hooks = hooks or Hooks()
     prompts = read_prompt_sets(settings)  # bad prompt input fails before anything is loaded or written
     judge = get_judge(settings.judge)
-    engine = engine_name(settings.engine)  # a missing engine package too
+    engine = engine_name(settings.engine, settings.tensor_parallel)  # a missing engine package too
     check_loading(settings)  # does it fit, and can a quantised run save: before anything is written
     state = rundir.prepare(output, settings)
     hooks.status(f"loading {settings.model} (engine: {engine}{'' if settings.quantize == 'none' else ', ' + settings.quantize})")
     bench = Workbench.open(settings.model, prompts, judge, settings.dtype, settings.device_map, settings.revision,
                            settings.trust_remote_code, engine, **settings.loading(),
-                           max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
+                           tensor_parallel=settings.tensor_parallel, max_new_tokens=settings.max_new_tokens, kl_tokens=settings.kl_tokens,
                            system_prompt=settings.system_prompt)
     _set_batch_size(bench, settings, state, output, hooks)
     directions = bench.use(_directions(bench, settings, output, hooks))

@@ -248,8 +248,8 @@ class VllmEngine:
         return self.loaded.model
 
     @classmethod
-    def from_loaded(cls, loaded) -> "VllmEngine":
-        return cls.open(loaded)
+    def from_loaded(cls, loaded, tensor_parallel: int = 1) -> "VllmEngine":
+        return cls.open(loaded, tensor_parallel_size=tensor_parallel)
 
     @staticmethod
     def require() -> None:
