@@ -11,7 +11,8 @@
    new tokens, batch 8): its peak RSS against the weights' bytes (target <= 1.3x), and the mean time of a trial
    (KL pass + refusal generation, from the run's journal) against its floor: the same prompts through the bare
    transformers model, one first-token forward over the harmless ones and a full-length greedy `generate` over the
-   harmful ones, in another child (target <= 1.5x; a trial may end answers early, the floor never does).
+   harmful ones a trial answers (those the base model refuses, from run.json), in another child (target <= 1.5x; a
+   trial may end answers early, the floor never does).
 
 Records through the harness (bench/results/scale.json, or scale-norm-preserving.json). Models live under --work
 (default ~/.cache/abliterate-bench/synth); the baked outputs are deleted, the synthetic bases kept for reruns (--clean
@@ -129,13 +130,15 @@ def search_in_child(model: Path, out: Path, trials: int) -> dict:
     from abliterate.core.rundir import STUDY_FILE, STUDY_NAME
 
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
-    trials_done = optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
-    seconds = [t.user_attrs.get("kl_seconds", 0) + t.user_attrs.get("generation_seconds", 0) for t in trials_done]
+    trials_done = [t for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
+                   if "generation_seconds" in t.user_attrs]  # complete trials, not cut short before generating
+    seconds = [t.user_attrs["kl_seconds"] + t.user_attrs["generation_seconds"] for t in trials_done]
+    answered = json.loads((out / "run.json").read_text())["base_tune_refused"]
     return {**result, "trials": len(trials_done), "trial_s": round(sum(seconds) / max(len(seconds), 1), 2),
-            "cut_short": sum(bool(t.user_attrs.get("cut_short")) for t in trials_done)}
+            "answered": answered}
 
 
-def floor_child(model: str) -> None:
+def floor_child(model: str, answered: str) -> None:
     """What the floor child does: a trial's passes through the bare transformers model; prints seconds as JSON."""
     import torch
 
@@ -147,6 +150,7 @@ def floor_child(model: str) -> None:
     tokenizer.padding_side = "left"
     harmful, harmless = (format_prompts(tokenizer, load_prompts(name, split="tune")[:RUN_PROMPTS])
                          for name in ("harmful", "harmless"))
+    harmful = [harmful[i] for i in json.loads(answered)]  # what a trial answers
 
     def batches(prompts):
         for at in range(0, len(prompts), RUN_BATCH):
@@ -169,7 +173,8 @@ def search_at_scale(work: Path, trials: int) -> dict:
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     run = search_in_child(model, work / "qwen2.5-3b-run", trials)
     shutil.rmtree(work / "qwen2.5-3b-run", ignore_errors=True)
-    floor = subprocess.run([sys.executable, __file__, "floor", str(model)], capture_output=True, text=True, check=True)
+    floor = subprocess.run([sys.executable, __file__, "floor", str(model), json.dumps(run.pop("answered"))],
+                           capture_output=True, text=True, check=True)
     floor_s = json.loads(floor.stdout.strip().splitlines()[-1])["floor_s"]
     return {**run, "weights_gb": round(weights / 1e9, 2), "rss_over_weights": round(run["peak_rss_gb"] * 1e9 / weights, 2),
             "floor_s": floor_s, "trial_over_floor": round(run["trial_s"] / floor_s, 2),
@@ -256,7 +261,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "floor":
-        floor_child(sys.argv[2])
+        floor_child(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "child":
         child(*sys.argv[2:7], norm_preserving="--norm-preserving" in sys.argv)
     else:
